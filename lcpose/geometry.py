@@ -1,0 +1,286 @@
+"""Rotations, SO(3) exp/log, the right-perturbation retraction, projection and crop intrinsics.
+
+Every function works on one instance (unbatched arrays) and is `jit`/`vmap`/`grad` friendly; a
+batch is `jax.vmap`. Conventions (see DESIGN.md): quaternions are wxyz, poses map model to
+camera (`X_cam = R @ X + t`), 3D in mm, 2D in pixels with pixel (u, v) at the centre of
+column u, row v (OpenCV/BOP).
+
+This is the one place for rotation and projection helpers in lcpose: the PnP solvers, the
+losses, the metrics and the data pipeline all import from here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "skew",
+    "quat_to_matrix",
+    "matrix_to_quat",
+    "axis_angle_to_matrix",
+    "matrix_to_axis_angle",
+    "sixd_to_matrix",
+    "matrix_to_sixd",
+    "so3_exp",
+    "so3_log",
+    "retract",
+    "transform",
+    "project",
+    "project_jacobian",
+    "crop_affine",
+    "crop_intrinsics",
+    "bbox3d_corners",
+]
+
+
+def _small_angle_threshold(dtype) -> float:
+    # Below this angle the Taylor series are exact to machine precision.
+    return 1e-3 if jnp.finfo(dtype).bits <= 32 else 1e-5
+
+
+def skew(v):
+    """The cross-product matrix [v]x, so that skew(v) @ u == cross(v, u)."""
+    v = jnp.asarray(v)
+    z = jnp.zeros_like(v[0])
+    return jnp.stack(
+        [
+            jnp.stack([z, -v[2], v[1]]),
+            jnp.stack([v[2], z, -v[0]]),
+            jnp.stack([-v[1], v[0], z]),
+        ]
+    )
+
+
+def _vee(S):
+    """Inverse of `skew` on the antisymmetric part of S."""
+    return 0.5 * jnp.stack([S[2, 1] - S[1, 2], S[0, 2] - S[2, 0], S[1, 0] - S[0, 1]])
+
+
+# ----------------------------------------------------------------------------------------------
+# SO(3) exponential and logarithm
+# ----------------------------------------------------------------------------------------------
+
+
+def so3_exp(omega):
+    """Rodrigues' formula R = I + a [w]x + b [w]x^2 with series near 0 (finite gradients at 0)."""
+    omega = jnp.asarray(omega)
+    theta2 = jnp.sum(omega * omega)
+    small = theta2 < _small_angle_threshold(omega.dtype) ** 2
+    # Double-where keeps the gradient of sqrt finite at theta = 0.
+    theta2_safe = jnp.where(small, jnp.ones_like(theta2), theta2)
+    theta = jnp.sqrt(theta2_safe)
+    a = jnp.where(small, 1.0 - theta2 / 6.0 + theta2 * theta2 / 120.0, jnp.sin(theta) / theta)
+    b = jnp.where(
+        small, 0.5 - theta2 / 24.0 + theta2 * theta2 / 720.0, (1.0 - jnp.cos(theta)) / theta2_safe
+    )
+    W = skew(omega)
+    return jnp.eye(3, dtype=omega.dtype) + a * W + b * (W @ W)
+
+
+def so3_log(R):
+    """Rotation vector of R, stable near 0 (series) and near pi (from the symmetric part).
+
+    Returns omega with |omega| in [0, pi].
+    """
+    R = jnp.asarray(R)
+    dtype = R.dtype
+    cos_theta = jnp.clip(0.5 * (jnp.trace(R) - 1.0), -1.0, 1.0)
+    v = _vee(R)  # = sin(theta) * axis
+    sin2 = jnp.sum(v * v)
+    # Generic and small-angle branch: omega = theta / sin(theta) * v, with
+    # theta / sin(theta) ~ 1 + sin^2(theta) / 6 near 0 (double-where keeps gradients finite).
+    small = (sin2 < _small_angle_threshold(dtype) ** 2) & (cos_theta > 0)
+    sin_theta = jnp.sqrt(jnp.where(small | (sin2 <= 0), jnp.ones_like(sin2), sin2))
+    scale = jnp.where(small, 1.0 + sin2 / 6.0, jnp.arctan2(sin_theta, cos_theta) / sin_theta)
+    omega_generic = scale * v
+    # The angle for the branch near pi, where sin(theta) may be exactly 0.
+    eps = jnp.finfo(dtype).eps
+    theta = jnp.arctan2(jnp.sqrt(sin2 + eps * eps), cos_theta)
+
+    # Near pi the antisymmetric part vanishes; use B = (R + R^T)/2 - cos(theta) I = (1 - cos) a a^T.
+    near_pi = cos_theta < -0.9
+    B = 0.5 * (R + R.T) - cos_theta * jnp.eye(3, dtype=dtype)
+    # Away from pi this branch is unused; feed it a harmless matrix so its gradient stays finite.
+    B = jnp.where(near_pi, B, jnp.diag(jnp.array([1.0, 0.0, 0.0], dtype=dtype)))
+    one_minus_cos = jnp.where(near_pi, 1.0 - cos_theta, jnp.ones_like(cos_theta))
+    diag = jnp.clip(jnp.diagonal(B) / one_minus_cos, 0.0, None)
+    k = jnp.argmax(diag)
+    col = B[:, k] / one_minus_cos
+    axis = col / jnp.sqrt(jnp.maximum(diag[k], jnp.finfo(dtype).tiny))
+    axis = axis / jnp.maximum(jnp.linalg.norm(axis), jnp.finfo(dtype).tiny)
+    # Fix the sign of the axis with the antisymmetric part (sin(theta) * axis).
+    sgn = jnp.where(jnp.dot(axis, v) < 0, -1.0, 1.0).astype(dtype)
+    omega_pi = sgn * theta * axis
+    return jnp.where(near_pi, omega_pi, omega_generic)
+
+
+axis_angle_to_matrix = so3_exp
+matrix_to_axis_angle = so3_log
+
+
+# ----------------------------------------------------------------------------------------------
+# Quaternions (wxyz) and the two-column 6D representation
+# ----------------------------------------------------------------------------------------------
+
+
+def quat_to_matrix(q):
+    """Rotation matrix of a quaternion (w, x, y, z); q need not be normalised."""
+    q = jnp.asarray(q)
+    q = q / jnp.linalg.norm(q)
+    w, x, y, z = q[0], q[1], q[2], q[3]
+    return jnp.stack(
+        [
+            jnp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)]),
+            jnp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)]),
+            jnp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]),
+        ]
+    )
+
+
+def matrix_to_quat(R):
+    """Unit quaternion (w, x, y, z) with w >= 0 of a rotation matrix (Shepperd's method).
+
+    Of the four algebraically equivalent formulas, the one with the largest pivot is used so
+    the result and its gradient are well conditioned everywhere.
+    """
+    R = jnp.asarray(R)
+    dtype = R.dtype
+    tr = jnp.trace(R)
+    pivots = jnp.stack([tr, R[0, 0], R[1, 1], R[2, 2]])
+    k = jnp.argmax(pivots)
+
+    def from_w():
+        s = 2.0 * jnp.sqrt(jnp.maximum(1.0 + tr, 1e-12))
+        return jnp.stack([0.25 * s, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s])
+
+    def from_x():
+        s = 2.0 * jnp.sqrt(jnp.maximum(1.0 + R[0, 0] - R[1, 1] - R[2, 2], 1e-12))
+        return jnp.stack([(R[2, 1] - R[1, 2]) / s, 0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s])
+
+    def from_y():
+        s = 2.0 * jnp.sqrt(jnp.maximum(1.0 - R[0, 0] + R[1, 1] - R[2, 2], 1e-12))
+        return jnp.stack([(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s])
+
+    def from_z():
+        s = 2.0 * jnp.sqrt(jnp.maximum(1.0 - R[0, 0] - R[1, 1] + R[2, 2], 1e-12))
+        return jnp.stack([(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s])
+
+    cands = jnp.stack([from_w(), from_x(), from_y(), from_z()])
+    q = cands[k]
+    q = jnp.where(q[0] < 0, -q, q)
+    return (q / jnp.linalg.norm(q)).astype(dtype)
+
+
+def sixd_to_matrix(m):
+    """Rotation from the two-column 6D representation m = (first column, second column).
+
+    Gram-Schmidt: c1 = a / |a|, c2 = normalised (b - (c1.b) c1), c3 = c1 x c2 (Zhou et al. 2019).
+    """
+    m = jnp.asarray(m)
+    a, b = m[:3], m[3:6]
+    c1 = a / jnp.linalg.norm(a)
+    b = b - jnp.dot(c1, b) * c1
+    c2 = b / jnp.linalg.norm(b)
+    c3 = jnp.cross(c1, c2)
+    return jnp.stack([c1, c2, c3], axis=1)
+
+
+def matrix_to_sixd(R):
+    """The first two columns of R, concatenated: (R[:, 0], R[:, 1]) -> (6,)."""
+    R = jnp.asarray(R)
+    return jnp.concatenate([R[:, 0], R[:, 1]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Poses and projection
+# ----------------------------------------------------------------------------------------------
+
+
+def retract(R, t, delta6):
+    """Right perturbation of a pose: R' = R @ exp(omega), t' = t + dt, delta6 = (omega, dt)."""
+    delta6 = jnp.asarray(delta6)
+    return R @ so3_exp(delta6[:3]), t + delta6[3:6]
+
+
+def transform(x3d, R, t):
+    """Model points (N, 3) to the camera frame: R @ X + t."""
+    return x3d @ R.T + t
+
+
+def project(x3d, R, t, K):
+    """Pixel coordinates (N, 2) of model points x3d (N, 3) under pose (R, t) and intrinsics K.
+
+    The depth is not clamped: callers that can meet points behind the camera check it.
+    """
+    xc = transform(x3d, R, t)
+    uvw = xc @ K.T
+    return uvw[:, :2] / uvw[:, 2:3]
+
+
+def project_jacobian(x3d, R, t, K):
+    """d project / d(omega, dt) at the right perturbation 0, per point: (N, 2, 6).
+
+    X_c = R exp(w) X + t  =>  dX_c/dw = -R [X]x, dX_c/d(dt) = I; then the chain rule through
+    the pinhole projection (the J_i of Eq. 9 of the paper).
+    """
+    xc = transform(x3d, R, t)  # (N, 3)
+    uvw = xc @ K.T  # (N, 3)
+    z = uvw[:, 2]
+    inv_z = 1.0 / z
+    u = uvw[:, 0] * inv_z
+    v = uvw[:, 1] * inv_z
+    # d(u, v)/d uvw = [[1/z, 0, -u/z], [0, 1/z, -v/z]]; d uvw / d X_c = K.
+    zeros = jnp.zeros_like(z)
+    d_uv_d_uvw = jnp.stack(
+        [
+            jnp.stack([inv_z, zeros, -u * inv_z], axis=-1),
+            jnp.stack([zeros, inv_z, -v * inv_z], axis=-1),
+        ],
+        axis=1,
+    )  # (N, 2, 3)
+    d_uv_d_xc = d_uv_d_uvw @ K  # (N, 2, 3)
+    # dX_c/dw = -R [X]x  ->  (d_uv_d_xc @ -R) [X]x; write as cross products to stay O(N).
+    G = -(d_uv_d_xc @ R)  # (N, 2, 3): row vectors g
+    d_uv_d_w = jnp.cross(G, x3d[:, None, :])  # g^T [X]x = (g x X)^T
+    return jnp.concatenate([d_uv_d_w, d_uv_d_xc], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Crops ("dynamic zoom-in")
+# ----------------------------------------------------------------------------------------------
+
+
+def crop_affine(center, scale, out_size):
+    """2x3 affine map from image pixels to the pixels of a square crop resized to `out_size`.
+
+    The crop is the square of side `scale` pixels centred at `center` (u, v). With the pixel
+    centre convention (pixel j covers [j - 0.5, j + 0.5]) the crop's left edge is
+    `center - scale / 2` and u' = k (u - left) - 0.5 with k = out_size / scale. Feed this
+    matrix to cv2.warpAffine(img, A, (out_size, out_size)) to cut the crop.
+    """
+    center = jnp.asarray(center)
+    scale = jnp.asarray(scale, dtype=center.dtype)
+    k = out_size / scale
+    left = center - 0.5 * scale
+    off = -k * left - 0.5
+    zero = jnp.zeros_like(k)
+    return jnp.stack([jnp.stack([k, zero, off[0]]), jnp.stack([zero, k, off[1]])])
+
+
+def crop_intrinsics(K, center, scale, out_size):
+    """Intrinsics of the crop of `crop_affine(center, scale, out_size)`: K_crop = A @ K.
+
+    project(X, R, t, crop_intrinsics(K, ...)) equals crop_affine(...) applied to project(X, R, t, K).
+    """
+    K = jnp.asarray(K)
+    A = crop_affine(center, scale, out_size).astype(K.dtype)
+    A3 = jnp.concatenate([A, jnp.array([[0.0, 0.0, 1.0]], dtype=K.dtype)], axis=0)
+    return A3 @ K
+
+
+def bbox3d_corners(mins, maxs):
+    """The 8 corners (8, 3) of an axis-aligned box, x fastest: (x0y0z0, x1y0z0, x0y1z0, ...)."""
+    mins = jnp.asarray(mins)
+    maxs = jnp.asarray(maxs)
+    sel = jnp.array([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=bool)
+    return jnp.where(sel, maxs[None, :], mins[None, :])
