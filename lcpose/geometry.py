@@ -284,3 +284,31 @@ def bbox3d_corners(mins, maxs):
     maxs = jnp.asarray(maxs)
     sel = jnp.array([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=bool)
     return jnp.where(sel, maxs[None, :], mins[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy twins for input pipelines
+# ----------------------------------------------------------------------------------------------
+
+
+def crop_affine_np(center, scale, out_size):
+    """NumPy (float64) twin of `crop_affine`, same formula, for data-loading code.
+
+    Grain worker processes build crops with it: calling JAX there would start a JAX runtime
+    (and claim the accelerator) in every worker. tests/test_data_crops.py checks it against
+    `crop_affine`.
+    """
+    import numpy as np
+
+    center = np.asarray(center, dtype=np.float64)
+    k = float(out_size) / float(scale)
+    off = -k * (center - 0.5 * float(scale)) - 0.5
+    return np.array([[k, 0.0, off[0]], [0.0, k, off[1]]])
+
+
+def crop_intrinsics_np(K, center, scale, out_size):
+    """NumPy (float64) twin of `crop_intrinsics`: [crop_affine_np; 0 0 1] @ K."""
+    import numpy as np
+
+    A3 = np.vstack([crop_affine_np(center, scale, out_size), [0.0, 0.0, 1.0]])
+    return A3 @ np.asarray(K, dtype=np.float64)
