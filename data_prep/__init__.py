@@ -1,0 +1,1 @@
+"""Command-line tools that make or convert data (synthetic BOP set, BOP -> TFDS, ImageNet weights)."""

@@ -1,0 +1,309 @@
+"""GDR-Net / CDPN dense-correspondence network: ResNet encoder + rotation head (Flax linen).
+
+Output maps are 1/4 of the input crop (256x256 -> 64x64). Per pixel the head predicts
+object coordinates (3), weight logits (2, one per image axis) and a visible-mask logit (1).
+
+Conventions (see also lcpose/models/__init__.py):
+
+* Input: RGB images, float in [0, 1], shape (B, H, W, 3) with H, W multiples of 32. The model
+  subtracts the ImageNet mean and divides by the ImageNet std (torchvision's normalisation), so
+  converted torchvision weights see the inputs they were trained on. OpenCV loads BGR: convert.
+* xyz: normalised object coordinates, x_mm = center + extent * xyz, with `extent` the size of
+  the model's axis-aligned box (BOP models_info size_x/y/z) and `center` its centre (zero for
+  centred models, the GDR-Net assumption). Points on the model lie in [-0.5, 0.5]^3. The head
+  has no output activation (GDR-Net regresses these values with an L1 loss).
+  `xyz_to_mm` / `mm_to_xyz` / `box_from_model_info` convert.
+* w2d: positive weights (the paper's w, inverse standard deviations in output-grid pixels):
+  w2d[..., c] = softmax over all H*W pixels of weight_logits[..., c] * exp(log_scale[c]), so
+  the weights of one channel sum to exp(log_scale[c]) over the map. With the scale branch,
+  log_scale = Dense(2)(global average of the features); without it (`scale_branch=False`,
+  for losses that cannot constrain the scale: BPnP, LC without E_prior) log_scale is the
+  constant log(H*W), i.e. the mean weight over the map is 1. The scale branch's bias starts
+  at the same log(H*W) (kernel ~ N(0, 1e-3)), so both variants start from the same weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcpose.models.resnet import STAGE_BLOCKS, TORCHVISION_WIDTHS, ResNet, output_stride
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Output channels of the final 1x1 conv, in this order.
+XYZ_CHANNELS = slice(0, 3)
+WEIGHT_CHANNELS = slice(3, 5)
+MASK_CHANNELS = slice(5, 6)
+OUT_CHANNELS = 6
+
+# CDPN/GDR-Net initialise the head's (de)convs with N(0, 0.001) (BN follows, so only the
+# direction matters) and the output layer with N(0, 0.01), zero bias.
+_head_init = nn.initializers.normal(stddev=1e-3)
+_out_init = nn.initializers.normal(stddev=1e-2)
+
+
+class RotHead(nn.Module):
+    """CDPN/GDR-Net decoder: `stages` x [deconv k/2 + `convs_per_stage` x conv 3x3], BN + ReLU.
+
+    Returns (out (B, 2^stages H, 2^stages W, out_channels), last features).
+    """
+
+    channels: int = 256
+    stages: int = 3
+    convs_per_stage: int = 2
+    deconv_kernel: int = 4
+    out_channels: int = OUT_CHANNELS
+    axis_name: Optional[str] = None
+    dtype: Any = None
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        k = self.deconv_kernel
+        if k not in (2, 3, 4):
+            raise ValueError(f"deconv_kernel must be 2, 3 or 4, got {k}")
+        # torch ConvTranspose2d(k, stride 2, padding p, output_padding op) -> exactly 2x: k=4: p=1;
+        # k=3: p=1, op=1; k=2: p=0. lax pads the dilated input by k-1-p (+op on the high side).
+        p = {4: 1, 3: 1, 2: 0}[k]
+        op = {4: 0, 3: 1, 2: 0}[k]
+        pad = ((k - 1 - p, k - 1 - p + op),) * 2
+
+        def bn(name):
+            return nn.BatchNorm(
+                use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                axis_name=self.axis_name, dtype=self.dtype, name=name,
+            )
+
+        for i in range(self.stages):
+            x = nn.ConvTranspose(
+                self.channels, (k, k), strides=(2, 2), padding=pad, use_bias=False,
+                dtype=self.dtype, kernel_init=_head_init, name=f"up{i}_deconv",
+            )(x)
+            x = nn.relu(bn(f"up{i}_bn")(x))
+            for j in range(self.convs_per_stage):
+                x = nn.Conv(
+                    self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                    dtype=self.dtype, kernel_init=_head_init, name=f"up{i}_conv{j}",
+                )(x)
+                x = nn.relu(bn(f"up{i}_conv{j}_bn")(x))
+        out = nn.Conv(
+            self.out_channels, (1, 1), dtype=self.dtype, kernel_init=_out_init, name="out"
+        )(x)
+        return out, x
+
+
+class GDRNet(nn.Module):
+    """ResNet encoder + CDPN/GDR-Net rotation head with xyz, weight and mask outputs.
+
+    `__call__(images (B, H, W, 3) in [0, 1], train: bool) -> dict` with, for h = H/4, w = W/4:
+      xyz           (B, h, w, 3)  normalised object coordinates (module docstring)
+      w2d           (B, h, w, 2)  positive weights, spatial softmax x exp(log_scale)
+      weight_logits (B, h, w, 2)  raw logits of the weights (GDR-Net-style BCE warm-up)
+      mask_logits   (B, h, w, 1)  visible-mask logits
+      log_scale     (B, 2)        log of the per-channel weight sums (constant log(h*w) when
+                                  scale_branch=False)
+    Outputs are float32 (or the inputs' dtype when wider), also when `dtype` is bfloat16.
+
+    Attributes:
+      depth: ResNet depth, 18 or 34 (paper: 34).
+      scale_branch: predict the global weight scale (True) or fix it to log(h*w) (False).
+      encoder_widths: ResNet stage widths (torchvision: 64, 128, 256, 512).
+      head_channels / head_stages / head_convs_per_stage / deconv_kernel: the decoder
+        (GDR-Net: 256 / 3 / 2 / 4; 3 stages turn the 1/32 encoder map into 1/4).
+      scale_features: what the scale branch pools: "decoder" (the head's last feature map, as
+        in the EPro-PnP/LC reference code) or "encoder" (the ResNet's output).
+      log_scale_init: initial bias of the scale branch (None: log(h*w), mean weight 1).
+      normalize_input: apply the ImageNet mean/std normalisation inside the model.
+      axis_name: BatchNorm cross-device axis for pmap training (None: per-device batch stats).
+      dtype: computation dtype (None: follow inputs/params; jnp.bfloat16 for mixed precision).
+    """
+
+    depth: int = 34
+    scale_branch: bool = True
+    encoder_widths: Sequence[int] = TORCHVISION_WIDTHS
+    head_channels: int = 256
+    head_stages: int = 3
+    head_convs_per_stage: int = 2
+    deconv_kernel: int = 4
+    scale_features: str = "decoder"
+    log_scale_init: Optional[float] = None
+    normalize_input: bool = True
+    axis_name: Optional[str] = None
+    dtype: Any = None
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        images = check_images(images, self.head_stages)
+        if not isinstance(train, bool):
+            raise ValueError(f"train must be a Python bool (it selects BatchNorm mode), got {train!r}")
+        if self.scale_features not in ("decoder", "encoder"):
+            raise ValueError(f"scale_features must be 'decoder' or 'encoder', got {self.scale_features!r}")
+        x = images
+        if self.normalize_input:
+            mean = jnp.asarray(IMAGENET_MEAN, dtype=x.dtype)
+            std = jnp.asarray(IMAGENET_STD, dtype=x.dtype)
+            x = (x - mean) / std
+        feats = ResNet(
+            depth=self.depth, widths=tuple(self.encoder_widths), axis_name=self.axis_name,
+            dtype=self.dtype, bn_momentum=self.bn_momentum, name="encoder",
+        )(x, train)
+        out, head_feats = RotHead(
+            channels=self.head_channels, stages=self.head_stages,
+            convs_per_stage=self.head_convs_per_stage, deconv_kernel=self.deconv_kernel,
+            axis_name=self.axis_name, dtype=self.dtype, bn_momentum=self.bn_momentum,
+            name="rot_head",
+        )(feats, train)
+
+        out_dtype = jnp.promote_types(images.dtype, jnp.float32)
+        out = out.astype(out_dtype)
+        batch, h, w, _ = out.shape
+        log_num = math.log(h * w)
+        if self.scale_branch:
+            pooled = (head_feats if self.scale_features == "decoder" else feats).mean(axis=(1, 2))
+            bias0 = log_num if self.log_scale_init is None else float(self.log_scale_init)
+            log_scale = nn.Dense(
+                2, dtype=self.dtype, kernel_init=nn.initializers.normal(stddev=1e-3),
+                bias_init=nn.initializers.constant(bias0), name="scale",
+            )(pooled).astype(out_dtype)
+        else:
+            log_scale = jnp.full((batch, 2), log_num, dtype=out_dtype)
+
+        weight_logits = out[..., WEIGHT_CHANNELS]
+        # Spatial softmax per channel over all h*w pixels, in log space: log w = log_softmax + s.
+        flat = weight_logits.reshape(batch, h * w, 2)
+        log_w = jax.nn.log_softmax(flat, axis=1) + log_scale[:, None, :]
+        w2d = jnp.exp(log_w).reshape(batch, h, w, 2)
+        return {
+            "xyz": out[..., XYZ_CHANNELS],
+            "w2d": w2d,
+            "weight_logits": weight_logits,
+            "mask_logits": out[..., MASK_CHANNELS],
+            "log_scale": log_scale,
+        }
+
+
+def check_images(images, head_stages: int = 3):
+    """Python-boundary check of a (B, H, W, 3) image batch; returns it as an array."""
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (B, H, W, 3) (RGB, NHWC), got {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+    stride = output_stride()
+    if images.shape[1] % stride or images.shape[2] % stride:
+        raise ValueError(
+            f"images height and width must be multiples of {stride} (encoder stride), got {images.shape[1:3]}"
+        )
+    return images
+
+
+def output_size(input_size: int, head_stages: int = 3) -> int:
+    """Side of the output maps for a square crop of `input_size` (256 -> 64)."""
+    return input_size // output_stride() * 2**head_stages
+
+
+# ----------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------
+
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    # The paper's network: ResNet-34, 256x256 crops -> 64x64 maps.
+    "paper": {"model": dict(depth=34), "input_size": 256, "output_size": 64},
+    # CPU-sized: ResNet-18 at a quarter of the channels, 128x128 crops -> 32x32 maps.
+    "cpu": {
+        "model": dict(depth=18, encoder_widths=(16, 32, 64, 128), head_channels=64),
+        "input_size": 128,
+        "output_size": 32,
+    },
+}
+
+
+def gdrnet_from_preset(name: str, **overrides) -> GDRNet:
+    """GDRNet for one of PRESETS ("paper", "cpu"); keyword overrides replace model attributes."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return GDRNet(**{**PRESETS[name]["model"], **overrides})
+
+
+def init_variables(model: GDRNet, key, input_size: int, batch: int = 1, dtype=jnp.float32, fast_rng: bool = True):
+    """Initial variables {'params', 'batch_stats'} for square crops of `input_size`.
+
+    `key`: a PRNG key or an int seed. With `fast_rng` (default) the draws use JAX's "rbg" PRNG
+    seeded from `key`: compiling the ~150 threefry draws of a ResNet takes about a minute on a
+    CPU, RngBitGenerator a few seconds. The result is deterministic for a key on one backend
+    (rbg streams may differ between CPU and GPU); `fast_rng=False` draws with the key as given.
+    """
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    if fast_rng:
+        key = _rbg_key(key)
+    x = jnp.zeros((batch, input_size, input_size, 3), dtype)
+    return jax.jit(lambda k, im: model.init(k, im, train=False))(key, x)
+
+
+def _rbg_key(key):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if jax.random.key_impl(key) in ("rbg", "unsafe_rbg"):
+            return key
+        data = jax.random.key_data(key)
+    else:  # raw uint32 key (jax.random.PRNGKey)
+        data = jnp.asarray(key)
+    data = data.reshape(-1).astype(jnp.uint32)
+    if data.shape != (2,):
+        raise ValueError(f"key must be a threefry or rbg PRNG key or an int seed, got key data of shape {data.shape}")
+    # rbg keys hold 4 words; the second pair is scrambled so the two halves differ.
+    return jax.random.wrap_key_data(jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)]), impl="rbg")
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a pytree (e.g. variables['params'])."""
+    return int(sum(np.prod(np.shape(a)) for a in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Coordinates
+# ----------------------------------------------------------------------------------------------
+
+
+def box_from_model_info(model_info: Mapping[str, float]):
+    """(extent (3,), center (3,)) in mm of a model's box from a BOP models_info.json entry."""
+    try:
+        mins = np.array([model_info["min_x"], model_info["min_y"], model_info["min_z"]], float)
+        size = np.array([model_info["size_x"], model_info["size_y"], model_info["size_z"]], float)
+    except KeyError as e:
+        raise ValueError(f"model_info lacks {e.args[0]!r} (needs min_x/y/z and size_x/y/z)") from None
+    if not np.all(size > 0):
+        raise ValueError(f"model_info sizes must be positive, got {size}")
+    return size, mins + 0.5 * size
+
+
+def xyz_to_mm(xyz, extent, center=None):
+    """Normalised coordinates (..., 3) -> millimetres: center + extent * xyz."""
+    xyz = jnp.asarray(xyz)
+    out = xyz * jnp.asarray(extent, dtype=xyz.dtype)
+    if center is not None:
+        out = out + jnp.asarray(center, dtype=xyz.dtype)
+    return out
+
+
+def mm_to_xyz(x_mm, extent, center=None):
+    """Millimetres (..., 3) -> normalised coordinates: (x_mm - center) / extent."""
+    x_mm = jnp.asarray(x_mm)
+    if center is not None:
+        x_mm = x_mm - jnp.asarray(center, dtype=x_mm.dtype)
+    return x_mm / jnp.asarray(extent, dtype=x_mm.dtype)
+
+
+__all__ = [
+    "GDRNet", "RotHead", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "gdrnet_from_preset",
+    "init_variables", "count_params", "box_from_model_info", "xyz_to_mm", "mm_to_xyz",
+    "output_size", "check_images", "STAGE_BLOCKS",
+]
