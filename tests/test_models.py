@@ -25,6 +25,7 @@ from lcpose.models import (
     merge_encoder_weights,
     mm_to_xyz,
     output_size,
+    spatial_softmax_weights,
     xyz_to_mm,
 )
 
@@ -108,6 +109,13 @@ def test_forward_outputs_and_spatial_softmax(tiny):
         softmax = np.exp(flat - flat.max(1, keepdims=True))
         softmax /= softmax.sum(1, keepdims=True)
         np.testing.assert_allclose(w.reshape(4, -1, 2), softmax * np.exp(s)[:, None], rtol=1e-5)
+    # The public helper reproduces the model's weights, batched and for one instance.
+    w_b = spatial_softmax_weights(train["weight_logits"], train["log_scale"])
+    np.testing.assert_allclose(np.asarray(w_b), np.asarray(train["w2d"]), rtol=1e-6)
+    w_1 = spatial_softmax_weights(train["weight_logits"][2], train["log_scale"][2])
+    np.testing.assert_allclose(np.asarray(w_1), np.asarray(train["w2d"][2]), rtol=1e-6)
+    with pytest.raises(ValueError, match="log_scale"):
+        spatial_softmax_weights(train["weight_logits"], train["log_scale"][0])
     # With batch statistics the outputs are O(1e-2) (N(0, 0.01) output layer), not vanishing.
     assert 1e-3 < float(jnp.abs(train["xyz"]).mean()) < 1.0
 

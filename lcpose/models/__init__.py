@@ -27,6 +27,7 @@ from lcpose.models.gdrnet import (
     init_variables,
     mm_to_xyz,
     output_size,
+    spatial_softmax_weights,
     xyz_to_mm,
 )
 from lcpose.models.pretrained import load_encoder_weights, merge_encoder_weights, save_encoder_weights
@@ -36,5 +37,5 @@ __all__ = [
     "BasicBlock", "GDRNet", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "ResNet", "RotHead",
     "STAGE_BLOCKS", "TORCHVISION_WIDTHS", "box_from_model_info", "count_params", "gdrnet_from_preset",
     "init_variables", "load_encoder_weights", "merge_encoder_weights", "mm_to_xyz", "output_size",
-    "save_encoder_weights", "xyz_to_mm",
+    "save_encoder_weights", "spatial_softmax_weights", "xyz_to_mm",
 ]

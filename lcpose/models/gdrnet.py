@@ -177,10 +177,7 @@ class GDRNet(nn.Module):
             log_scale = jnp.full((batch, 2), log_num, dtype=out_dtype)
 
         weight_logits = out[..., WEIGHT_CHANNELS]
-        # Spatial softmax per channel over all h*w pixels, in log space: log w = log_softmax + s.
-        flat = weight_logits.reshape(batch, h * w, 2)
-        log_w = jax.nn.log_softmax(flat, axis=1) + log_scale[:, None, :]
-        w2d = jnp.exp(log_w).reshape(batch, h, w, 2)
+        w2d = spatial_softmax_weights(weight_logits, log_scale)
         return {
             "xyz": out[..., XYZ_CHANNELS],
             "w2d": w2d,
@@ -188,6 +185,27 @@ class GDRNet(nn.Module):
             "mask_logits": out[..., MASK_CHANNELS],
             "log_scale": log_scale,
         }
+
+
+def spatial_softmax_weights(weight_logits, log_scale):
+    """w2d = softmax over all pixels of each channel x exp(log_scale): (..., H, W, 2), (..., 2).
+
+    Computed in log space (log w = log_softmax + log_scale), so tiny weights do not underflow
+    before the scale is applied. GDRNet returns this as out["w2d"]; a loss that wants the
+    gradient w.r.t. out["weight_logits"] itself (e.g. the LC recipe's clipper on the
+    weight-logit gradient, applied by the train step to named outputs) calls this function on
+    out["weight_logits"] and out["log_scale"] instead of reading out["w2d"].
+    """
+    weight_logits = jnp.asarray(weight_logits)
+    if weight_logits.ndim < 3 or weight_logits.shape[-1] != 2:
+        raise ValueError(f"weight_logits must have shape (..., H, W, 2), got {weight_logits.shape}")
+    lead, (h, w) = weight_logits.shape[:-3], weight_logits.shape[-3:-1]
+    log_scale = jnp.asarray(log_scale, dtype=weight_logits.dtype)
+    if log_scale.shape != lead + (2,):
+        raise ValueError(f"log_scale must have shape {lead + (2,)}, got {log_scale.shape}")
+    flat = weight_logits.reshape(lead + (h * w, 2))
+    log_w = jax.nn.log_softmax(flat, axis=-2) + log_scale[..., None, :]
+    return jnp.exp(log_w).reshape(weight_logits.shape)
 
 
 def check_images(images, head_stages: int = 3):
@@ -305,5 +323,5 @@ def mm_to_xyz(x_mm, extent, center=None):
 __all__ = [
     "GDRNet", "RotHead", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "gdrnet_from_preset",
     "init_variables", "count_params", "box_from_model_info", "xyz_to_mm", "mm_to_xyz",
-    "output_size", "check_images", "STAGE_BLOCKS",
+    "output_size", "check_images", "spatial_softmax_weights", "STAGE_BLOCKS",
 ]
