@@ -2,6 +2,7 @@
 
 ``TinyNet``/``tiny_loss``/``tiny_batch`` are shared with the pmap and checkpoint tests.
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -43,12 +44,28 @@ def tiny_batch(n=8, seed=0, dtype=np.float32):
             "mask": (r.uniform(size=(n, 6, 6, 1)) > 0.5).astype(dtype)}
 
 
+@functools.lru_cache(maxsize=None)
+def ranger_setup():
+    """One compiled Ranger train step and state constructor, shared with the checkpoint tests."""
+    model = TinyNet()
+    sched = train.flat_cosine_schedule(5e-2, 40, warmup_steps=2)
+    tx = train.ranger(sched, lookahead_steps=6)
+    step = jax.jit(train.make_train_step(model, tiny_loss, tx, output_clip={"logits": None},
+                                         learning_rate_fn=sched))
+    example = tiny_batch()["image"]
+
+    def fresh_state(seed=0):
+        return train.create_train_state(jax.random.PRNGKey(seed), model, example, tx,
+                                        clip_names=["logits"], train=False)
+
+    return model, sched, tx, step, fresh_state
+
+
 @pytest.fixture(scope="module")
 def fresh():
-    model = TinyNet()
-    batch = tiny_batch()
-    variables = model.init(jax.random.PRNGKey(0), batch["image"], train=False)
-    return model, batch, variables
+    model, _, _, _, fresh_state = ranger_setup()
+    state = fresh_state()
+    return model, tiny_batch(), {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def test_clipped_output_gradient_reaches_params_as_vjp(fresh):
@@ -95,13 +112,9 @@ def test_clipped_output_gradient_reaches_params_as_vjp(fresh):
 
 
 def test_ranger_training_reduces_loss_and_eval_uses_slow_weights(fresh):
-    model, batch, variables = fresh
-    sched = train.flat_cosine_schedule(5e-2, 40, warmup_steps=2)
-    tx = train.ranger(sched, lookahead_steps=6)
-    state = train.TrainState.create(params=variables["params"], tx=tx, rng=jax.random.PRNGKey(0),
-                                    batch_stats=variables["batch_stats"], clip_names=["logits"])
-    step = jax.jit(train.make_train_step(model, tiny_loss, tx, output_clip={"logits": None},
-                                         learning_rate_fn=sched))
+    model, batch, _ = fresh
+    _, sched, _, step, fresh_state = ranger_setup()
+    state = fresh_state()
     init_params = state.params
     losses = []
     for i in range(20):

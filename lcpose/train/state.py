@@ -78,7 +78,7 @@ def create_train_state(rng, model, example_input, tx: optax.GradientTransformati
     rngs = {"params": k_params, "dropout": k_dropout}
     if init_rngs:
         rngs.update(init_rngs)
-    init = jax.jit(functools.partial(model.init, **init_kwargs))
+    init = _jitted_init(model, init_kwargs)
     variables = flax.core.unfreeze(init(rngs, example_input))
     if "params" not in variables:
         raise ValueError("model.init returned no 'params' collection")
@@ -92,6 +92,19 @@ def create_train_state(rng, model, example_input, tx: optax.GradientTransformati
     batch_stats = variables.pop("batch_stats", {})
     return TrainState.create(params=init_params, tx=tx, rng=k_train, batch_stats=batch_stats,
                              clip_names=clip_names)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_init(model, kw_items):
+    return jax.jit(functools.partial(model.init, **dict(kw_items)))
+
+
+def _jitted_init(model, init_kwargs):
+    # One compiled init per (module, kwargs): a fresh jax.jit(partial(...)) would recompile.
+    try:
+        return _cached_init(model, tuple(sorted(init_kwargs.items())))
+    except TypeError:                                    # unhashable module or kwargs
+        return jax.jit(functools.partial(model.init, **init_kwargs))
 
 
 def eval_params(state: TrainState, slow: bool = True):

@@ -209,12 +209,16 @@ def local_device_count() -> int:
     return jax.local_device_count()
 
 
-def replicate(tree, devices=None):
-    """Copy a pytree onto every local device (leading axis = device), ready for ``pmap``."""
+def replicate(tree, devices=None, axis_name: str = AXIS_NAME):
+    """Copy a pytree onto every local device (leading axis = device), ready for ``pmap``.
+
+    The arrays get the sharding that ``jax.pmap(..., axis_name=axis_name)`` gives its outputs,
+    so feeding a step's output state back in does not trigger a second compilation.
+    """
     devices = list(devices) if devices is not None else jax.local_devices()
     n = len(devices)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+    mesh = jax.sharding.Mesh(np.asarray(devices), (axis_name,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
     def put(x):
         x = jnp.asarray(x)
