@@ -67,6 +67,8 @@ def test_scale_branch_switch_and_presets():
     assert out["xyz"].shape == (2, 32, 32, 3)
     _, out = _shapes(GDRNet(depth=34, **TINY), 64, dtype=jnp.float64)
     assert out["xyz"].dtype == jnp.float64 and out["w2d"].dtype == jnp.float64
+    _, out = _shapes(GDRNet(depth=18, dtype=jnp.bfloat16, **TINY), 64)  # mixed precision
+    assert out["xyz"].dtype == jnp.float32 and out["w2d"].dtype == jnp.float32
     with pytest.raises(ValueError, match="multiples of 32"):
         _shapes(GDRNet(depth=18, **TINY), 48)
     with pytest.raises(ValueError, match="images"):

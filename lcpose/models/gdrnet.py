@@ -16,7 +16,8 @@ Conventions (see also lcpose/models/__init__.py):
 * w2d: positive weights (the paper's w, inverse standard deviations in output-grid pixels):
   w2d[..., c] = softmax over all H*W pixels of weight_logits[..., c] * exp(log_scale[c]), so
   the weights of one channel sum to exp(log_scale[c]) over the map. With the scale branch,
-  log_scale = Dense(2)(global average of the features); without it (`scale_branch=False`,
+  log_scale = Dense(2)(global average of the decoder's last features, as in the EPro-PnP/LC
+  reference code; `scale_features="encoder"` pools the ResNet output instead); without it (`scale_branch=False`,
   for losses that cannot constrain the scale: BPnP, LC without E_prior) log_scale is the
   constant log(H*W), i.e. the mean weight over the map is 1. The scale branch's bias starts
   at the same log(H*W) (kernel ~ N(0, 1e-3)), so both variants start from the same weights.
@@ -141,7 +142,7 @@ class GDRNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        images = check_images(images, self.head_stages)
+        images = check_images(images)
         if not isinstance(train, bool):
             raise ValueError(f"train must be a Python bool (it selects BatchNorm mode), got {train!r}")
         if self.scale_features not in ("decoder", "encoder"):
@@ -208,7 +209,7 @@ def spatial_softmax_weights(weight_logits, log_scale):
     return jnp.exp(log_w).reshape(weight_logits.shape)
 
 
-def check_images(images, head_stages: int = 3):
+def check_images(images):
     """Python-boundary check of a (B, H, W, 3) image batch; returns it as an array."""
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
