@@ -56,13 +56,13 @@ class BopFormatError(ValueError):
     """A BOP file is missing a field or holds malformed data (the message names the file)."""
 
 
-# What lcpose knows about the BOP datasets it was tested with. `obj_ids`: the objects of the
+# What lcpose knows about the BOP datasets it supports. `obj_ids`: the objects of the
 # dataset's test targets; `test_split`: the BOP-19 test images (test_targets_bop19.json);
 # `train_splits`: what the LC-loss paper trains on (LM-O: LM real images + PBR images).
+# Symmetries always come from models_info.json.
 DATASETS: dict[str, dict[str, Any]] = {
     "lmo": dict(
         obj_ids=[1, 5, 6, 8, 9, 10, 11, 12],
-        sym_obj_ids=[10, 11],  # eggbox, glue
         test_split="test",
         test_targets="test_targets_bop19.json",
         train_splits=["train_real", "train_pbr"],
@@ -73,7 +73,6 @@ DATASETS: dict[str, dict[str, Any]] = {
     ),
     "ycbv": dict(
         obj_ids=list(range(1, 22)),
-        sym_obj_ids=[1, 13, 14, 16, 18, 19, 20, 21],
         test_split="test",
         test_targets="test_targets_bop19.json",
         train_splits=["train_real", "train_pbr"],
@@ -276,14 +275,14 @@ class Scene:
     camera: dict[int, dict]  # {"K" (3, 3), "depth_scale", raw fields}
     gt: dict[int, list[dict]]  # [{"R" (3, 3), "t" (3,), "obj_id"}]
     gt_info: dict[int, list[dict]] | None  # raw scene_gt_info entries, if present
-    rgb_ext: str  # ".png" or ".jpg"
+    rgb_ext: str | None  # ".png" / ".jpg" of the scene's rgb/ images (None: no images found)
 
     @property
     def im_ids(self) -> list[int]:
         return sorted(self.camera)
 
     def rgb_path(self, im_id: int) -> str:
-        return os.path.join(self.path, "rgb", f"{im_id:06d}{self.rgb_ext}")
+        return os.path.join(self.path, "rgb", f"{im_id:06d}{self.rgb_ext or '.png'}")
 
     def depth_path(self, im_id: int) -> str:
         return os.path.join(self.path, "depth", f"{im_id:06d}.png")
@@ -293,15 +292,15 @@ class Scene:
         return os.path.join(self.path, sub, f"{im_id:06d}_{gt_idx:06d}.png")
 
 
-def _rgb_ext(scene_path: str) -> str:
+def _rgb_ext(scene_path: str) -> str | None:
+    # Annotations can be read without the images; load_image names a missing file.
     d = os.path.join(scene_path, "rgb")
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"BOP rgb folder not found: {d}")
-    for name in os.listdir(d):
-        ext = os.path.splitext(name)[1].lower()
-        if ext in (".png", ".jpg", ".jpeg", ".tif"):
-            return os.path.splitext(name)[1]
-    raise BopFormatError(f"no images in {d}")
+    if os.path.isdir(d):
+        for name in os.listdir(d):
+            ext = os.path.splitext(name)[1]
+            if ext.lower() in (".png", ".jpg", ".jpeg", ".tif"):
+                return ext
+    return None
 
 
 def load_scene(root: str | os.PathLike, split: str, scene_id: int, *, require_gt_info: bool = True) -> Scene:

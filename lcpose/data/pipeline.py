@@ -45,17 +45,20 @@ Evaluation (``train=False``): every instance once, in dataset order, crop of sid
 box size around the GT visible box (``boxes="gt"``) or the matched detection
 (``boxes="detections"``), last batch padded (``valid_example``).
 
-Determinism and resumption: the order and every random draw depend only on `seed`, the
-shard and the record position (grain gives each record its own Philox generator), not on
-`worker_count`. ``it = iter(loader)`` is grain's DataLoaderIterator: ``it.get_state()``
+Determinism and resumption: batches are a function of `seed`, `shard`, `batch_size` and
+`worker_count` (grain hands whole batches to workers in turn, so the worker count changes
+which records share a batch; each record's random draws come from its own Philox generator
+seeded by `seed` and its position). ``it = iter(loader)`` is grain's DataLoaderIterator: ``it.get_state()``
 (bytes) / ``it.set_state(state)`` resume exactly; save it with Orbax through
 ``grain.python.PyGrainCheckpointSave(it)`` / ``PyGrainCheckpointRestore(it)``.
 
 Sharding: ``shard=(jax.process_index(), jax.process_count())`` gives each process a disjoint
 contiguous part of the (filtered) split.
 
-Workers: ``worker_count`` processes (spawned) decode and augment; they import NumPy and
-OpenCV only, never JAX.
+Workers: ``worker_count`` processes (spawned) decode and augment with NumPy and OpenCV; they
+never create JAX arrays, so no worker starts a JAX runtime or touches an accelerator (the
+main module of the program is re-imported in each worker by ``spawn``: keep its top level
+free of work, behind ``if __name__ == "__main__"``).
 """
 from __future__ import annotations
 

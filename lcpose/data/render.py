@@ -87,8 +87,8 @@ def rasterize(
     if K.shape != (3, 3) or not np.all(np.isfinite(K)):
         raise ValueError(f"K must be a finite (3, 3) matrix, got {K!r}")
 
-    # Camera-frame triangles of all meshes, concatenated.
-    tri_cam, tri_obj, tri_face = [], [], []
+    # Per mesh: vertices to the camera frame and the image, then gathered per face.
+    PX, PY, Z, obj_l, face_l = [], [], [], [], []
     for i, ((verts, faces), (R, t)) in enumerate(zip(meshes, poses)):
         verts = np.asarray(verts, dtype=np.float64)
         faces = np.asarray(faces, dtype=np.int64)
@@ -96,44 +96,40 @@ def rasterize(
             raise ValueError(f"mesh {i}: vertices must be (N, 3) and faces (F, 3)")
         R, t = _as_pose(R, t)
         cam = verts @ R.T + t
-        tri = cam[faces]  # (F, 3 vertices, 3)
-        tri_cam.append(tri)
-        tri_obj.append(np.full(len(faces), i, dtype=np.int32))
-        tri_face.append(np.arange(len(faces), dtype=np.int32))
-    n_pix = width * height
-    zbuf = np.full(n_pix, np.inf)
-    best_tri = np.full(n_pix, -1, dtype=np.int64)
-    best_bary = np.zeros((n_pix, 3))
-    if tri_cam:
-        tri = np.concatenate(tri_cam)
-        obj_of = np.concatenate(tri_obj)
-        face_of = np.concatenate(tri_face)
+        uvw = cam @ K.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pxv = uvw[:, 0] / uvw[:, 2]
+            pyv = uvw[:, 1] / uvw[:, 2]
+        f0, f1, f2 = faces[:, 0], faces[:, 1], faces[:, 2]
+        PX.append(np.stack([pxv[f0], pxv[f1], pxv[f2]], axis=1))
+        PY.append(np.stack([pyv[f0], pyv[f1], pyv[f2]], axis=1))
+        Z.append(np.stack([cam[f0, 2], cam[f1, 2], cam[f2, 2]], axis=1))
+        obj_l.append(np.full(len(faces), i, dtype=np.int32))
+        face_l.append(np.arange(len(faces), dtype=np.int32))
+    if PX:
+        px, py, z = np.concatenate(PX), np.concatenate(PY), np.concatenate(Z)
+        obj_of, face_of = np.concatenate(obj_l), np.concatenate(face_l)
     else:
-        tri = np.zeros((0, 3, 3))
+        px = py = z = np.zeros((0, 3))
         obj_of = face_of = np.zeros(0, dtype=np.int32)
 
-    z = tri[:, :, 2]
-    keep = np.all(z >= near, axis=1)
-    # Screen coordinates of the vertices.
-    uvw = tri @ K.T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        px = uvw[:, :, 0] / uvw[:, :, 2]
-        py = uvw[:, :, 1] / uvw[:, :, 2]
+    keep = (z[:, 0] >= near) & (z[:, 1] >= near) & (z[:, 2] >= near)
     x0, y0 = px[:, 0], py[:, 0]
     e1x, e1y = px[:, 1] - x0, py[:, 1] - y0
     e2x, e2y = px[:, 2] - x0, py[:, 2] - y0
     det = e1x * e2y - e2x * e1y  # twice the signed screen area
     keep &= np.abs(det) > 1e-12  # degenerate (edge-on) triangles cover no pixel centre
     if cull_back:
-        # Outward normal (CCW winding) in the camera frame against the viewing ray.
-        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-        keep &= np.einsum("ij,ij->i", n, tri[:, 0]) < 0
+        # With z > 0 the screen area is det(K[:2, :2]) * [c0, c1, c2] / (z0 z1 z2), where
+        # [c0, c1, c2] = c0 . ((c1 - c0) x (c2 - c0)) is negative for a face whose outward
+        # (counter-clockwise) normal points towards the camera.
+        keep &= det * np.sign(K[0, 0] * K[1, 1] - K[0, 1] * K[1, 0]) < 0
     # Integer pixel ranges whose centres may fall inside each triangle.
     with np.errstate(invalid="ignore"):
-        u_lo = np.ceil(np.min(px, axis=1) - 1e-9)
-        u_hi = np.floor(np.max(px, axis=1) + 1e-9)
-        v_lo = np.ceil(np.min(py, axis=1) - 1e-9)
-        v_hi = np.floor(np.max(py, axis=1) + 1e-9)
+        u_lo = np.ceil(np.minimum(np.minimum(px[:, 0], px[:, 1]), px[:, 2]) - 1e-9)
+        u_hi = np.floor(np.maximum(np.maximum(px[:, 0], px[:, 1]), px[:, 2]) + 1e-9)
+        v_lo = np.ceil(np.minimum(np.minimum(py[:, 0], py[:, 1]), py[:, 2]) - 1e-9)
+        v_hi = np.floor(np.maximum(np.maximum(py[:, 0], py[:, 1]), py[:, 2]) + 1e-9)
     keep &= np.isfinite(u_lo) & np.isfinite(u_hi) & np.isfinite(v_lo) & np.isfinite(v_hi)
     u_lo = np.where(keep, np.clip(u_lo, 0, width), 0).astype(np.int64)
     u_hi = np.where(keep, np.clip(u_hi, -1, width - 1), -1).astype(np.int64)
@@ -143,6 +139,17 @@ def rasterize(
     bh = np.maximum(v_hi - v_lo + 1, 0)
     counts = bw * bh
     idx = np.nonzero(counts > 0)[0]
+    # Per-pixel buffers only over the region that triangles can touch.
+    if len(idx):
+        rx0, ry0 = int(u_lo[idx].min()), int(v_lo[idx].min())
+        rw, rh = int(u_hi[idx].max()) - rx0 + 1, int(v_hi[idx].max()) - ry0 + 1
+    else:
+        rx0 = ry0 = 0
+        rw = rh = 1
+    n_pix = rw * rh
+    zbuf = np.full(n_pix, np.inf)
+    best_tri = np.full(n_pix, -1, dtype=np.int64)
+    best_bary = np.zeros((n_pix, 3))
     if len(idx):
         # Inverse of the 2x2 edge matrix: (b1, b2) = M^-1 (p - p0), b0 = 1 - b1 - b2.
         inv_det = 1.0 / det
@@ -164,19 +171,23 @@ def rasterize(
         # Tolerance on the barycentrics: centres exactly on a shared edge belong to both
         # triangles (same depth), so no cracks appear between them.
         eps = -1e-9
+        x0r, y0r = x0 - rx0, y0 - ry0  # triangle origins relative to the region
         for a, b in zip(starts[:-1], starts[1:]):
             ti = idx[a:b]
             cnt = counts[ti]
             total = int(cnt.sum())
-            rep = np.repeat(np.arange(len(ti)), cnt)
-            first = np.cumsum(cnt) - cnt
-            k = np.arange(total) - first[rep]
+            rep = np.repeat(np.arange(len(ti), dtype=np.int32), cnt)
+            first = (np.cumsum(cnt) - cnt).astype(np.int32)
+            k = np.arange(total, dtype=np.int32) - first[rep]
             t_rep = ti[rep]
-            w_rep = bw[t_rep]
-            u = u_lo[t_rep] + k % w_rep
-            v = v_lo[t_rep] + k // w_rep
-            du = u - x0[t_rep]
-            dv = v - y0[t_rep]
+            w_rep = bw[t_rep].astype(np.int32)
+            dv_i = k // w_rep
+            du_i = k - dv_i * w_rep
+            # Pixel coordinates relative to the region's corner (exact small integers).
+            ur = (u_lo[t_rep] - rx0).astype(np.int32) + du_i
+            vr = (v_lo[t_rep] - ry0).astype(np.int32) + dv_i
+            du = ur - x0r[t_rep]
+            dv = vr - y0r[t_rep]
             b1 = i00[t_rep] * du + i01[t_rep] * dv
             b2 = i10[t_rep] * du + i11[t_rep] * dv
             b0 = 1.0 - b1 - b2
@@ -185,7 +196,7 @@ def rasterize(
                 continue
             t_in = t_rep[inside]
             b0, b1, b2 = b0[inside], b1[inside], b2[inside]
-            p = (v[inside] * width + u[inside]).astype(np.int64)
+            p = vr[inside].astype(np.int64) * rw + ur[inside]
             iz = inv_z[t_in]
             # 1/z is affine in screen space: perspective-correct depth.
             q0, q1, q2 = b0 * iz[:, 0], b1 * iz[:, 1], b2 * iz[:, 2]
@@ -202,17 +213,18 @@ def rasterize(
             best_bary[pw, 2] = q2[win] * zz[win]
 
     hit = best_tri >= 0
-    depth = np.where(hit, zbuf, 0.0).astype(np.float32).reshape(height, width)
     safe = np.where(hit, best_tri, 0)
-    obj = np.where(hit, obj_of[safe] if len(obj_of) else -1, -1).astype(np.int32)
-    face = np.where(hit, face_of[safe] if len(face_of) else -1, -1).astype(np.int32)
-    bary = np.where(hit[:, None], best_bary, 0.0).astype(np.float32)
-    return Raster(
-        depth=depth,
-        obj=obj.reshape(height, width),
-        face=face.reshape(height, width),
-        bary=bary.reshape(height, width, 3),
-    )
+    depth = np.zeros((height, width), dtype=np.float32)
+    obj = np.full((height, width), -1, dtype=np.int32)
+    face = np.full((height, width), -1, dtype=np.int32)
+    bary = np.zeros((height, width, 3), dtype=np.float32)
+    if len(obj_of):
+        sl = (slice(ry0, ry0 + rh), slice(rx0, rx0 + rw))
+        depth[sl] = np.where(hit, zbuf, 0.0).reshape(rh, rw)
+        obj[sl] = np.where(hit, obj_of[safe], -1).reshape(rh, rw)
+        face[sl] = np.where(hit, face_of[safe], -1).reshape(rh, rw)
+        bary[sl] = np.where(hit[:, None], best_bary, 0.0).reshape(rh, rw, 3)
+    return Raster(depth=depth, obj=obj, face=face, bary=bary)
 
 
 def _hit_faces(raster: Raster, faces: Sequence[np.ndarray]):
