@@ -61,7 +61,7 @@ def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
     step, fresh_state = setup
     reference = _run(step, fresh_state(), ToyIterator(), TOTAL)
 
-    # session 1: checkpoints at 4 (and would at 8), "killed" after step 7
+    # session 1: checkpoint at 4, "killed" after step 7
     ck = train.Checkpointer(tmp_path / "ckpt", save_interval_steps=INTERVAL, max_to_keep=2)
     _run(step, fresh_state(), ToyIterator(), 7, ck)
     ck.wait_until_finished()
@@ -77,7 +77,8 @@ def test_kill_and_resume_equals_uninterrupted_run(setup, tmp_path):
     it = ToyIterator()
     it.set_state(restored.data_state)
     state = _run(step, restored.state, it, TOTAL, ck)
-    ck.save(int(state.step), state, data_state=it.get_state(), force=True)
+    assert ck.save(int(state.step), state, data_state=it.get_state(), force=True)
+    assert not ck.save(int(state.step), state, force=True)        # that step exists: no-op
     ck.close()
 
     assert int(state.step) == TOTAL

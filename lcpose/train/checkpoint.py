@@ -125,10 +125,13 @@ class Checkpointer:
         """Save ``state`` (and the iterator state / metadata) as ``step`` if the interval says so.
 
         ``replicated=True``: ``state`` is a pmap-replicated state; device 0's copy is saved.
-        Returns whether a checkpoint was started.
+        Returns whether a checkpoint was started; a step that is already saved is not written
+        again (so a final ``force=True`` save after an interval save of the same step is a no-op).
         """
         step = int(step)
         if not force and not self._mngr.should_save(step):
+            return False
+        if step in self._mngr.all_steps():
             return False
         if replicated:
             state = unreplicate(state)

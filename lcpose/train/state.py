@@ -15,13 +15,22 @@ __all__ = ["TrainState", "create_train_state", "eval_params", "as_key_data"]
 
 
 def as_key_data(rng) -> jax.Array:
-    """A PRNG key as raw uint32 key data (typed ``jax.random.key`` keys are converted).
+    """A PRNG key as raw uint32 key data of the default PRNG implementation.
 
-    The state stores raw key data so that it checkpoints as a plain integer array.
+    The state stores raw key data so that it checkpoints as a plain integer array. Typed keys
+    (``jax.random.key``) are unwrapped; a typed key of another implementation (e.g. the "rbg"
+    keys ``lcpose.models.init_variables`` uses for fast initialisation) seeds a default key.
     """
+    if isinstance(rng, int):
+        return jax.random.PRNGKey(rng)
     rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
+        if rng.shape != ():
+            raise ValueError(f"rng must be a single key, got shape {rng.shape}")
+        default = jax.random.key_impl(jax.random.key(0))
+        if jax.random.key_impl(rng) == default:
+            return jax.random.key_data(rng)
+        return jax.random.PRNGKey(jax.random.bits(rng, (), jnp.uint32))
     if rng.dtype != jnp.uint32:
         raise ValueError(f"rng must be a jax PRNG key (typed or uint32 key data), got dtype {rng.dtype}")
     return rng

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ def make_train_step(model_apply: Union[ModelApply, nn.Module], loss_fn: LossFn,
             if not isinstance(out_grads, Mapping):
                 raise ValueError("output_clip needs model outputs that are a dict, got "
                                  f"{type(outputs).__name__}")
-            out_grads = dict(out_grads)
+            clipped = {}
             for name, kwargs in clip_cfg.items():
                 if name not in out_grads:
                     raise ValueError(f"output_clip: model has no output {name!r} "
@@ -154,14 +155,22 @@ def make_train_step(model_apply: Union[ModelApply, nn.Module], loss_fn: LossFn,
                 if name not in clip_state:
                     raise ValueError(f"output_clip: state has no clipper state for {name!r}; "
                                      f"create the state with clip_names=[{name!r}, ...]")
-                out_grads[name], clip_state[name] = clip_by_running_norm(
+                clipped[name], clip_state[name] = clip_by_running_norm(
                     out_grads[name], clip_state[name], axis_name=axis_name, **kwargs)
                 metrics[f"clip/{name}_norm"] = clip_state[name].last_norm
                 metrics[f"clip/{name}_threshold"] = clip_state[name].max_norm
+            # same container type as the outputs (dict or FrozenDict), as the pullback requires
+            if isinstance(out_grads, flax.core.FrozenDict):
+                out_grads = out_grads.copy(clipped)
+            else:
+                out_grads = type(out_grads)({**out_grads, **clipped})
         if cotangent_metrics_fn is not None:
             metrics.update(cotangent_metrics_fn(outputs, out_grads, batch))
 
         (grads,) = pullback(out_grads)
+        # integer/bool metrics (counts) become float so that they can be averaged over devices
+        metrics = {k: (v if jnp.issubdtype(jnp.result_type(v), jnp.inexact)
+                       else jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
