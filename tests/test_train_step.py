@@ -143,6 +143,11 @@ def test_step_errors_name_the_problem(fresh):
     state = train.TrainState.create(params=variables["params"], tx=tx, rng=jax.random.key(0),
                                     batch_stats=variables["batch_stats"])
     assert state.rng.dtype == jnp.uint32                          # typed keys stored as key data
+    for key in (jax.random.key(0, impl="rbg"), 3):               # models.init_variables' rbg keys
+        k = train.state.as_key_data(key)
+        assert k.shape == (2,) and k.dtype == jnp.uint32
+    with pytest.raises(ValueError, match="rng"):
+        train.state.as_key_data(jnp.zeros(2, jnp.float32))
     # (trace only: the checks happen while the step is traced)
     with pytest.raises(ValueError, match="no output 'w2d'"):
         jax.eval_shape(train.make_train_step(model, tiny_loss, tx, output_clip={"w2d": {}}),
