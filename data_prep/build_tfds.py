@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--image_stride", type=int, default=1, help="keep every n-th image of each scene")
     p.add_argument("--min_visib_fract", type=float, default=None,
                    help="store instances at least this visible (default 0.1 for training splits, 0 for test)")
-    p.add_argument("--image_format", choices=["png", "jpeg"], default="png", help="encoding of the stored crops")
+    p.add_argument("--image_format", choices=["auto", "png", "jpeg"], default="auto",
+                   help="encoding of the stored crops (auto: JPEG for JPEG sources such as PBR images, else PNG)")
     p.add_argument("--xyz_oversample", type=float, default=tfds_builder.StoreConfig.xyz_oversample)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, at most 8)")
     a = p.parse_args(argv)

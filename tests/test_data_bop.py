@@ -61,6 +61,9 @@ def test_synthetic_set_is_valid_bop(data):
         np.testing.assert_allclose(m.bbox3d.min(0), m.vertices.min(0), atol=1e-4)
         np.testing.assert_allclose(m.bbox3d.max(0), m.vertices.max(0), atol=1e-3)
     assert not models[1].symmetric
+    pts = bop.sample_model_points(models[1], 1000, seed=0)
+    assert pts.shape == (1000, 3) and np.array_equal(pts, bop.sample_model_points(models[1].vertices, 1000, seed=0))
+    assert len(np.unique(pts, axis=0)) == 1000 and np.all(np.isin(pts, models[1].vertices))
     syms = np.array(models[2].info["symmetries_discrete"]).reshape(-1, 4, 4)
     assert len(syms) == 3
     # A declared symmetry S leaves the rendered object unchanged: pose (R, t) and (R S, t + R s).

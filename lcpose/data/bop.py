@@ -220,12 +220,13 @@ def load_models(
     return out
 
 
-def sample_model_points(vertices: np.ndarray, n: int = 1000, seed: int = 0) -> np.ndarray:
+def sample_model_points(model: "ObjectModel | np.ndarray", n: int = 1000, seed: int = 0) -> np.ndarray:
     """A fixed-size (n, 3) subset of a model's vertices (for ADD/ADD-S with static shapes).
 
-    Without replacement when the model has at least n vertices; deterministic for a seed.
+    `model` is an `ObjectModel` or a (N, 3) vertex array. Without replacement when the model
+    has at least n vertices; deterministic for a seed.
     """
-    V = np.asarray(vertices)
+    V = np.asarray(model.vertices if isinstance(model, ObjectModel) else model)
     if V.ndim != 2 or V.shape[1] != 3 or len(V) == 0:
         raise ValueError(f"vertices must be a non-empty (N, 3) array, got shape {V.shape}")
     if n < 1:

@@ -73,7 +73,8 @@ class StoreConfig:
     test_pad_scale: pad scale of test crops (detection boxes).
     xyz_oversample: xyz samples per output pixel at the smallest crop (>= 1; nearest-neighbour
       resampling then moves a target by at most 0.71 / xyz_oversample output pixels).
-    image_format: "png" (lossless) or "jpeg" (quality 95; 3-4x smaller).
+    image_format: "auto" (JPEG, quality 95, for JPEG source images such as BOP's PBR
+      renderings; lossless PNG for PNG sources), "png" or "jpeg".
     """
 
     window_factor: float = 1.25
@@ -82,20 +83,23 @@ class StoreConfig:
     input_size: int = 256
     output_size: int = 64
     xyz_oversample: float = 1.5
-    image_format: str = "png"
+    image_format: str = "auto"
 
     def __post_init__(self):
         if self.window_factor < DZIConfig().reach:
             raise ValueError(f"window_factor {self.window_factor} < {DZIConfig().reach}, the reach of the default DZI")
-        if self.image_format not in ("png", "jpeg"):
-            raise ValueError(f"image_format must be 'png' or 'jpeg', got {self.image_format!r}")
+        if self.image_format not in ("auto", "png", "jpeg"):
+            raise ValueError(f"image_format must be 'auto', 'png' or 'jpeg', got {self.image_format!r}")
         if self.xyz_oversample < 1:
             raise ValueError(f"xyz_oversample must be >= 1, got {self.xyz_oversample}")
 
 
-def features(image_format: str = "png"):
+def features(image_format: str = "auto"):
     """The TFDS feature dictionary of an example (`FEATURES_DOC` describes the fields)."""
     import tensorflow_datasets as tfds
+
+    if image_format == "auto":
+        image_format = None  # per example PNG or JPEG; decoding detects the format
 
     T = tfds.features.Tensor
     return tfds.features.FeaturesDict(
@@ -238,7 +242,7 @@ def _instance_example(img, mask_visib, inst: dict, store: StoreConfig, models) -
     A_xyz = A_xyz - np.array([[0.0, 0.0, b0], [0.0, 0.0, a0]])
 
     return {
-        "image": _encode_image(np.ascontiguousarray(img_s), store.image_format),
+        "image": _encode_image(np.ascontiguousarray(img_s), inst["image_format"]),
         "image_affine": A_img,
         "mask_visib": _encode_png((mask_s > 0).astype(np.uint8)[..., None], cv2.IMWRITE_PNG_FILTER_NONE),
         "xyz": xyz.astype(np.float16),
@@ -265,8 +269,12 @@ def _process_image(task):
     """(serialised examples, index rows) of one image's instances."""
     rgb_path, insts = task
     img = bop.load_image(rgb_path)
+    fmt = _W["store"].image_format
+    if fmt == "auto":
+        fmt = "jpeg" if os.path.splitext(rgb_path)[1].lower() in (".jpg", ".jpeg") else "png"
     out, rows = [], []
     for inst in insts:
+        inst = dict(inst, image_format=fmt)
         mask = bop.load_mask(inst["mask_path"])
         if mask.shape != img.shape[:2]:
             raise bop.BopFormatError(f"{inst['mask_path']}: mask size {mask.shape} != image size {img.shape[:2]} of {rgb_path}")
