@@ -1,0 +1,406 @@
+"""Weighted, Huber-robust Levenberg-Marquardt PnP with implicit differentiation.
+
+The cost (Eq. 4 of the LC paper) is
+
+    c(R, t) = sum_i rho(||w_i * r_i||),   r_i = x2d_i - project(x3d_i, R, t, K),
+
+with rho(s) = s^2 / 2 (plain least squares) or Huber's function with threshold `huber` (in units of
+the weighted residual). It is minimised on the right perturbation R' = R exp(omega), t' = t + dt by
+Levenberg-Marquardt with IRLS weights, a fixed maximum of iterations and per-instance convergence
+masking (`lax.while_loop`, which `vmap` turns into a masked loop that ends when every instance of
+the batch has converged).
+
+Derivatives: the solution y* satisfies the stationarity condition g(y*, x) = d c / d delta = 0.
+By the implicit function theorem dy*/dx = -H^-1 dg/dx with H = dg/d delta the (exact) Hessian,
+so the vector-Jacobian product is x_bar = -(dg/dx)^T H^-1 y_bar: one 6x6 solve and one reverse
+pass through g, O(N) and independent of the number of LM iterations (`jax.custom_vjp`).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lcpose import geometry
+from lcpose.pnp.checks import check_correspondences, check_pose
+from lcpose.pnp.epnp import _epnp_impl
+
+__all__ = ["PnPResult", "solve", "implicit_jacobian", "pnp_cost", "gauss_newton_hessian"]
+
+
+class PnPResult(NamedTuple):
+    """Result of `solve` for one instance (fields gain a leading batch axis under vmap).
+
+    R, t: the pose (model -> camera); differentiable w.r.t. x3d, x2d, w2d (and K) by the implicit
+      function theorem.
+    cov: (6, 6) inverse of the Gauss-Newton Hessian at the solution, in the (omega, dt) right
+      perturbation: the Laplace approximation of the pose posterior covariance. Meaningful only
+      when `converged`.
+    cost: the robust cost at the solution.
+    converged: bool; False for degenerate problems (fewer than 4 usable points, zero weights,
+      collinear points, non-finite inputs, points behind the camera at the solution, or the
+      iteration limit reached). Outputs stay finite either way.
+    iterations: LM iterations used.
+    """
+
+    R: jax.Array
+    t: jax.Array
+    cov: jax.Array
+    cost: jax.Array
+    converged: jax.Array
+    iterations: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost and its local models
+# ----------------------------------------------------------------------------------------------
+
+
+def _robust_point_cost(e, huber):
+    """rho(||e||) per point for weighted residuals e (N, 2)."""
+    s2 = jnp.sum(e * e, axis=-1)
+    if huber is None:
+        return 0.5 * s2
+    small = s2 <= huber * huber
+    s = jnp.sqrt(jnp.where(small, jnp.ones_like(s2), s2))
+    return jnp.where(small, 0.5 * s2, huber * (s - 0.5 * huber))
+
+
+def _irls_weights(e, huber):
+    """rho'(s) / s: 1 inside the Huber threshold, huber / s outside."""
+    if huber is None:
+        return jnp.ones(e.shape[:-1], e.dtype)
+    s = jnp.sqrt(jnp.sum(e * e, axis=-1))
+    return jnp.where(s <= huber, 1.0, huber / jnp.maximum(s, jnp.finfo(e.dtype).tiny))
+
+
+def pnp_cost(R, t, x3d, x2d, w2, K, huber=None):
+    """The robust PnP cost sum_i rho(||w_i * r_i||) of one instance (w2 (N, 2), zero = ignored)."""
+    e = w2 * (x2d - geometry.project(x3d, R, t, K))
+    return jnp.sum(_robust_point_cost(e, huber))
+
+
+def gauss_newton_hessian(R, t, x3d, x2d, w2, K, huber=None):
+    """Gauss-Newton Hessian sum_i rho_i J_i^T diag(w_i^2) J_i and gradient of the cost at (R, t)."""
+    H, grad, _ = _gauss_newton_terms(R, t, x3d.T, x2d.T, w2.T, K, huber)
+    return H, grad
+
+
+def _point_costs_t(R, t, x3d_t, x2d_t, w2_t, K, huber):
+    """Per-point robust costs (N,) in the points-last layout."""
+    e = w2_t * (x2d_t - geometry.project_points_last(x3d_t, R, t, K))
+    return _robust_point_cost(e.T, huber)
+
+
+def _gauss_newton_terms(R, t, x3d_t, x2d_t, w2_t, K, huber):
+    """(H, gradient, per-point costs) from one pass over the points (points-last layout)."""
+    uv, J = geometry.project_with_jacobian_points_last(x3d_t, R, t, K)
+    e = w2_t * (x2d_t - uv)  # (2, N)
+    rho_w = _irls_weights(e.T, huber)  # (N,)
+    # One (6, 2N) block so that H is a single thin matrix product.
+    Jw = jnp.concatenate([J[0] * w2_t[0], J[1] * w2_t[1]], axis=1)
+    rho2 = jnp.concatenate([rho_w, rho_w])
+    H = (Jw * rho2) @ Jw.T
+    grad = -(Jw @ (rho2 * e.reshape(-1)))
+    return H, grad, _robust_point_cost(e.T, huber)
+
+
+def _exact_hessian(R, t, x3d, x2d, w2, K, huber):
+    def c(delta):
+        return pnp_cost(*geometry.retract(R, t, delta), x3d, x2d, w2, K, huber)
+
+    return jax.hessian(c)(jnp.zeros(6, R.dtype))
+
+
+def _tolerances(dtype):
+    """(relative predicted decrease, step size, conditioning) tolerances for the dtype."""
+    if jnp.finfo(dtype).bits <= 32:
+        return 1e-6, 1e-6, 1e-5
+    return 1e-13, 1e-11, 1e-10
+
+
+def _well_conditioned(H, tol):
+    """Scale-free conditioning test: smallest eigenvalue of the Jacobi-scaled Hessian."""
+    d = jnp.diagonal(H)
+    ok_diag = jnp.all(d > jnp.finfo(H.dtype).tiny) & jnp.all(jnp.isfinite(H))
+    dinv = jnp.where(ok_diag, 1.0 / jnp.sqrt(jnp.where(d > 0, d, 1.0)), 0.0)
+    Hn = H * dinv[:, None] * dinv[None, :]
+    Hn = jnp.where(ok_diag, Hn, jnp.eye(6, dtype=H.dtype))
+    lam_min = jnp.linalg.eigvalsh(Hn)[0]
+    return ok_diag & (lam_min > tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Levenberg-Marquardt (no derivatives flow through here)
+# ----------------------------------------------------------------------------------------------
+
+
+class _LMState(NamedTuple):
+    R: jax.Array
+    t: jax.Array
+    costs: jax.Array  # per-point costs at (R, t)
+    lam: jax.Array
+    it: jax.Array
+    done: jax.Array
+    stopped_ok: jax.Array
+
+
+def _levenberg_marquardt(x3d, x2d, w2, K, R0, t0, huber, iters):
+    dtype = x3d.dtype
+    ftol, xtol, _ = _tolerances(dtype)
+
+    # Points-last copies, made once outside the loop.
+    x3d_t, x2d_t, w2_t = x3d.T, x2d.T, w2.T
+
+    def point_costs(R, t):
+        return _point_costs_t(R, t, x3d_t, x2d_t, w2_t, K, huber)
+
+    def body(s: _LMState) -> _LMState:
+        H, grad, _ = _gauss_newton_terms(s.R, s.t, x3d_t, x2d_t, w2_t, K, huber)
+        cost = jnp.sum(s.costs)
+        reg = jnp.finfo(dtype).eps * jnp.trace(H)
+        # Newton decrement of the undamped Gauss-Newton step, 0.5 g^T H^-1 g = 0.5 |L^-1 g|^2 (a
+        # sum of squares, no cancellation in float32): the decrease still available.
+        L = jnp.linalg.cholesky(H + reg * jnp.eye(6, dtype=dtype))
+        y = jax.scipy.linalg.solve_triangular(L, grad, lower=True)
+        decrement = 0.5 * jnp.sum(y * y)
+        delta_gn = -jax.scipy.linalg.solve_triangular(L.T, y, lower=False)
+        # When that decrease is below what the cost can resolve (float32: residuals of ~500 px
+        # carry ~3e-5 px of rounding), a measured cost change is noise: take the plain
+        # Gauss-Newton step from next to the minimum, and stop.
+        at_floor = jnp.isfinite(decrement) & (decrement <= ftol * cost)
+        damping = s.lam * jnp.diagonal(H) + reg
+        delta = jnp.where(at_floor, delta_gn, -jnp.linalg.solve(H + jnp.diag(damping), grad))
+        delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, jnp.zeros_like(delta))
+        R_new, t_new = geometry.retract(s.R, s.t, delta)
+        costs_new = point_costs(R_new, t_new)
+        # The change of the cost summed per point: far more accurate than the difference of two
+        # large totals.
+        dc = jnp.sum(costs_new - s.costs)
+        accept = jnp.isfinite(dc) & ((dc < 0) | at_floor)
+        small_step = (jnp.linalg.norm(delta[:3]) < xtol) & (
+            jnp.linalg.norm(delta[3:]) < xtol * (1.0 + jnp.linalg.norm(s.t))
+        )
+        converged_now = at_floor | (accept & small_step) | (cost == 0)
+        return _LMState(
+            R=jnp.where(accept, R_new, s.R),
+            t=jnp.where(accept, t_new, s.t),
+            costs=jnp.where(accept, costs_new, s.costs),
+            lam=jnp.where(accept, jnp.maximum(s.lam * 0.1, 1e-9), s.lam * 10.0),
+            it=s.it + 1,
+            done=converged_now | (s.lam > 1e12),
+            stopped_ok=converged_now,
+        )
+
+    def cond(s: _LMState):
+        return (~s.done) & (s.it < iters)
+
+    costs0 = point_costs(R0, t0)
+    init = _LMState(
+        R=R0,
+        t=t0,
+        costs=jnp.where(jnp.isfinite(costs0), costs0, jnp.inf),
+        lam=jnp.asarray(1e-3, dtype),
+        it=jnp.asarray(0, jnp.int32),
+        done=jnp.asarray(False),
+        stopped_ok=jnp.asarray(False),
+    )
+    return jax.lax.while_loop(cond, body, init)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implicit differentiation
+# ----------------------------------------------------------------------------------------------
+
+
+def _stationarity(R, t, x3d, x2d, w2, K, huber):
+    """g(x) = d c(retract(R, t, delta); x) / d delta at delta = 0 (zero at a solution)."""
+
+    def c(delta):
+        return pnp_cost(*geometry.retract(R, t, delta), x3d, x2d, w2, K, huber)
+
+    return jax.grad(c)(jnp.zeros(6, R.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attach_implicit_gradient(R, t, x3d, x2d, w2, K, ok, huber):
+    """Identity on (R, t) whose VJP is the implicit-function-theorem derivative of the solver."""
+    return R, t
+
+
+def _attach_fwd(R, t, x3d, x2d, w2, K, ok, huber):
+    return (R, t), (R, t, x3d, x2d, w2, K, ok)
+
+
+def _attach_bwd(huber, res, cotangents):
+    R, t, x3d, x2d, w2, K, ok = res
+    gR, gt = cotangents
+    dtype = R.dtype
+    # Cotangent of the pose in the 6D update space: v = (d retract / d delta)^T (gR, gt).
+    _, vjp_retract = jax.vjp(lambda d: geometry.retract(R, t, d), jnp.zeros(6, dtype))
+    (v,) = vjp_retract((gR, gt))
+    H = _exact_hessian(R, t, x3d, x2d, w2, K, huber)
+    H = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
+    lam = jnp.linalg.solve(H, v)  # H is symmetric: H^-T v = H^-1 v
+    _, vjp_g = jax.vjp(lambda a, b, c, k: _stationarity(R, t, a, b, c, k, huber), x3d, x2d, w2, K)
+    bars = vjp_g(-lam)
+    good = (ok > 0) & jnp.all(jnp.isfinite(lam))
+    bars = [jnp.where(good & jnp.isfinite(b), b, jnp.zeros_like(b)) for b in bars]
+    x3d_bar, x2d_bar, w2_bar, K_bar = bars
+    return (jnp.zeros_like(R), jnp.zeros_like(t), x3d_bar, x2d_bar, w2_bar, K_bar, jnp.zeros_like(ok))
+
+
+_attach_implicit_gradient.defvjp(_attach_fwd, _attach_bwd)
+
+
+def implicit_jacobian(x3d, x2d, w2d, K, R, t, *, valid=None, huber=None, hessian="gauss_newton"):
+    """dy/dx2d (6, 2N) of the PnP solution y = (omega, dt) w.r.t. the image points, at (R, t).
+
+    Computed per point with `jax.jacfwd` of the stationarity condition g_i (vmapped over points,
+    O(N) work): dy/dx2d_i = -H^-1 dg_i/dx2d_i. Columns are ordered like `x2d.reshape(-1)`.
+
+    hessian: "gauss_newton" (H = sum_i rho_i J_i^T diag(w_i^2) J_i: the linearisation of the LC
+      loss, Eq. 9-11, which gives A = H^-1 [J_i^T diag(w_i^2)]_i without Huber) or "exact" (the true
+      Hessian of the cost; equal to Gauss-Newton at zero residual, and the IFT derivative of
+      `solve` at a noisy solution).
+    """
+    check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
+    if hessian not in ("gauss_newton", "exact"):
+        raise ValueError(f"hessian must be 'gauss_newton' or 'exact', got {hessian!r}")
+    dtype = jnp.result_type(x3d, x2d, w2d)
+    x3d, x2d = jnp.asarray(x3d, dtype), jnp.asarray(x2d, dtype)
+    K = jnp.asarray(K, dtype)
+    n = x3d.shape[0]
+    w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
+    if valid is not None:
+        w2 = w2 * jnp.asarray(valid, dtype)[:, None]
+    zero = jnp.zeros(6, dtype)
+
+    def point_cost(delta, X, x, w):
+        Rd, td = geometry.retract(R, t, delta)
+        return pnp_cost(Rd, td, X[None], x[None], w[None], K, huber)
+
+    def point_terms(X, x, w):
+        g_x = jax.jacfwd(jax.grad(point_cost, argnums=0), argnums=2)(zero, X, x, w)  # (6, 2)
+        if hessian == "exact":
+            H_i = jax.hessian(point_cost)(zero, X, x, w)
+        else:
+            def e_of(delta):
+                Rd, td = geometry.retract(R, t, delta)
+                return w * (x - geometry.project(X[None], Rd, td, K)[0])
+
+            J = jax.jacfwd(e_of)(zero)  # (2, 6)
+            rho = _irls_weights(e_of(zero)[None], huber)[0]
+            H_i = rho * J.T @ J
+        return g_x, H_i
+
+    g_x, H_i = jax.vmap(point_terms)(x3d, x2d, w2)  # (N, 6, 2), (N, 6, 6)
+    H = jnp.sum(H_i, axis=0)
+    A = -jnp.linalg.solve(H, g_x.transpose(1, 0, 2).reshape(6, 2 * n))
+    return A
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare(x3d, x2d, w2d, K, valid):
+    """Common dtype, (N, 2) weights with invalid/non-finite points zeroed, and an input-ok flag."""
+    dtype = jnp.result_type(x3d, x2d, w2d, K)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    x3d, x2d, K = (jnp.asarray(a, dtype) for a in (x3d, x2d, K))
+    n = x3d.shape[0]
+    w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
+    valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
+    finite_pt = (
+        jnp.all(jnp.isfinite(x3d), axis=1) & jnp.all(jnp.isfinite(x2d), axis=1) & jnp.all(jnp.isfinite(w2), axis=1)
+    )
+    use = (valid_f > 0) & finite_pt
+    inputs_ok = jnp.all(finite_pt | (valid_f <= 0)) & jnp.all(jnp.isfinite(K)) & jnp.all(w2 >= 0)
+    x3d = jnp.where(use[:, None], x3d, 0.0)
+    x2d = jnp.where(use[:, None], x2d, 0.0)
+    w2 = jnp.where(use[:, None], jnp.maximum(w2, 0.0), 0.0)
+    K = jnp.where(jnp.isfinite(K), K, jnp.eye(3, dtype=dtype))
+    return x3d, x2d, w2, K, use, inputs_ok
+
+
+def solve(
+    x3d,
+    x2d,
+    w2d,
+    K,
+    *,
+    R0=None,
+    t0=None,
+    valid=None,
+    huber: Optional[float] = None,
+    iters: int = 30,
+) -> PnPResult:
+    """Weighted robust PnP of one instance by Levenberg-Marquardt (vmap for batches).
+
+    Args:
+      x3d: (N, 3) object points (mm); N >= 4.
+      x2d: (N, 2) image points (px).
+      w2d: (N, 2) (or (N,)) non-negative weights, the inverse standard deviation of each image
+        coordinate: the cost is 0.5 sum ||w_i * r_i||^2 (Huber-robustified when `huber` is set).
+      K: (3, 3) intrinsics.
+      R0, t0: optional initial pose; EPnP (weighted) when omitted.
+      valid: optional (N,) mask; invalid points are ignored.
+      huber: Huber threshold on the weighted residual norm ||w_i * r_i||, or None.
+      iters: maximum number of LM iterations (static).
+
+    Returns:
+      PnPResult(R, t, cov, cost, converged, iterations). R and t are differentiable w.r.t. x3d,
+      x2d, w2d and K through the implicit function theorem; cost and cov are differentiable too
+      (through the pose and directly).
+    """
+    check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
+    check_pose(R0, t0)
+    if huber is not None and not isinstance(huber, jax.core.Tracer) and not huber > 0:
+        raise ValueError(f"huber must be a positive threshold or None, got {huber}")
+    if int(iters) < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    x3d, x2d, w2, K, use, inputs_ok = _prepare(x3d, x2d, w2d, K, valid)
+    dtype = x3d.dtype
+    sg = jax.lax.stop_gradient
+    x3d_c, x2d_c, w2_c, K_c = sg(x3d), sg(x2d), sg(w2), sg(K)
+    if R0 is None:
+        R0, t0 = _epnp_impl(x3d_c, x2d_c, K_c, w2_c, use.astype(dtype))
+    else:
+        R0, t0 = sg(jnp.asarray(R0, dtype)), sg(jnp.asarray(t0, dtype))
+    R0 = jnp.where(jnp.all(jnp.isfinite(R0)), R0, jnp.eye(3, dtype=dtype))
+    t0 = jnp.where(jnp.all(jnp.isfinite(t0)), t0, jnp.array([0.0, 0.0, 1.0], dtype))
+
+    s = _levenberg_marquardt(x3d_c, x2d_c, w2_c, K_c, R0, t0, huber, int(iters))
+    _, _, cond_tol = _tolerances(dtype)
+    H, _ = gauss_newton_hessian(s.R, s.t, x3d_c, x2d_c, w2_c, K_c, huber)
+    depth = geometry.transform(x3d_c, s.R, s.t)[:, 2]
+    in_front = jnp.all(jnp.where(use, depth > 0, True))
+    enough = jnp.sum(use & jnp.any(w2_c > 0, axis=1)) >= 4
+    converged = (
+        s.stopped_ok
+        & inputs_ok
+        & enough
+        & in_front
+        & _well_conditioned(H, cond_tol)
+        & jnp.all(jnp.isfinite(s.costs))
+        & jnp.all(jnp.isfinite(s.R))
+        & jnp.all(jnp.isfinite(s.t))
+    )
+    R_sol = jnp.where(jnp.all(jnp.isfinite(s.R)), s.R, jnp.eye(3, dtype=dtype))
+    t_sol = jnp.where(jnp.all(jnp.isfinite(s.t)), s.t, jnp.array([0.0, 0.0, 1.0], dtype))
+
+    R, t = _attach_implicit_gradient(R_sol, t_sol, x3d, x2d, w2, K, converged.astype(dtype), huber)
+
+    # Differentiable quantities at the solution (their derivatives flow through (R, t) and directly).
+    H, _ = gauss_newton_hessian(R, t, x3d, x2d, w2, K, huber)
+    H_reg = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
+    cov = jnp.linalg.inv(jnp.where(jnp.all(jnp.isfinite(H_reg)), H_reg, jnp.eye(6, dtype=dtype)))
+    cov = jnp.where(converged & jnp.all(jnp.isfinite(cov)), 0.5 * (cov + cov.T), jnp.zeros_like(cov))
+    cost = pnp_cost(R, t, x3d, x2d, w2, K, huber)
+    cost = jnp.where(jnp.isfinite(cost), cost, jnp.finfo(dtype).max)
+    return PnPResult(R=R, t=t, cov=cov, cost=cost, converged=converged, iterations=s.it)
