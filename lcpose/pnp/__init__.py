@@ -4,13 +4,14 @@ Every solver works on one instance; batch with `jax.vmap` and compile with `jax.
 """
 from lcpose.pnp.epnp import epnp, procrustes
 from lcpose.pnp.ransac import ransac
-from lcpose.pnp.solver import PnPResult, gauss_newton_hessian, implicit_jacobian, pnp_cost, solve
+from lcpose.pnp.solver import PnPResult, gauss_newton_hessian, implicit_jacobian, linearize_at, pnp_cost, solve
 
 __all__ = [
     "PnPResult",
     "epnp",
     "gauss_newton_hessian",
     "implicit_jacobian",
+    "linearize_at",
     "pnp_cost",
     "procrustes",
     "ransac",

@@ -27,7 +27,7 @@ from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences, check_pose
 from lcpose.pnp.epnp import _epnp_impl
 
-__all__ = ["PnPResult", "solve", "implicit_jacobian", "pnp_cost", "gauss_newton_hessian"]
+__all__ = ["PnPResult", "solve", "implicit_jacobian", "linearize_at", "pnp_cost", "gauss_newton_hessian"]
 
 
 class PnPResult(NamedTuple):
@@ -41,7 +41,7 @@ class PnPResult(NamedTuple):
     cost: the robust cost at the solution.
     converged: bool; False for degenerate problems (fewer than 4 usable points, zero weights,
       collinear points, non-finite inputs, points behind the camera at the solution, or the
-      iteration limit reached). Outputs stay finite either way.
+      iteration limit reached while still descending). Outputs stay finite either way.
     iterations: LM iterations used.
     """
 
@@ -184,14 +184,17 @@ def _levenberg_marquardt(x3d, x2d, w2, K, R0, t0, huber, iters):
             jnp.linalg.norm(delta[3:]) < xtol * (1.0 + jnp.linalg.norm(s.t))
         )
         converged_now = at_floor | (accept & small_step) | (cost == 0)
+        stalled = (~accept) & (s.lam > 1e6) & jnp.isfinite(cost)
         return _LMState(
             R=jnp.where(accept, R_new, s.R),
             t=jnp.where(accept, t_new, s.t),
             costs=jnp.where(accept, costs_new, s.costs),
             lam=jnp.where(accept, jnp.maximum(s.lam * 0.1, 1e-9), s.lam * 10.0),
             it=s.it + 1,
-            done=converged_now | (s.lam > 1e12),
-            stopped_ok=converged_now,
+            # A stall (even a tiny damped gradient step cannot lower the cost) is a stationary
+            # point within rounding: converged, unless a degeneracy check below says otherwise.
+            done=converged_now | stalled,
+            stopped_ok=converged_now | stalled,
         )
 
     def cond(s: _LMState):
@@ -255,15 +258,73 @@ def _attach_bwd(huber, res, cotangents):
 _attach_implicit_gradient.defvjp(_attach_fwd, _attach_bwd)
 
 
+def linearize_at(x3d_t, W_t, K, R, t, *, huber=None, x2d_t=None, hessian="gauss_newton"):
+    """The linearised PnP solver at a pose: (dg (6, 2, N), H (6, 6)), points-last layout.
+
+    dg[:, a, i] = d g / d x2d[i, a], g the stationarity condition (gradient of the cost w.r.t.
+    the update y = (omega, dt)), and H = d g / d y. By the implicit function theorem the solution
+    moves by dy/dx2d = A = -H^-1 dg (`implicit_jacobian` forms it; the LC loss never needs A
+    itself: A M A^T = H^-1 (dg M dg^T) H^-1). `W_t` (2, N) are the inverse variances (w^2).
+
+    dg/dx2d is block diagonal: the stationarity term g_i of a point depends on its own x2d_i only.
+    Each 6x2 block is `jax.jacfwd` of g_i, vmapped over the points: O(N), never a dense 2N-input
+    Jacobian or a 2N x 2N matrix.
+    Without Huber this is the closed form A = H^-1 [J_i^T diag(W_i)]_i of Eqs. 9-11.
+
+    x2d_t is needed only with Huber or the exact Hessian (the residuals enter there).
+    """
+    dtype = x3d_t.dtype
+    uv, J = geometry.project_with_jacobian_points_last(x3d_t, R, t, K)  # (2, N), (2, 6, N)
+    if x2d_t is None:
+        if huber is not None or hessian == "exact":
+            raise ValueError("x2d is needed with huber or hessian='exact'")
+        x2d_t = uv  # residual-free: only derivatives of g w.r.t. x2d are used
+    sqrt_free = huber is None
+
+    def g_i(x2d_i, uv_i, J_i, W_i):
+        # Stationarity term of one point, g_i = -J_i^T rho_i W_i r_i (6,), written with
+        # element-wise products (vmapped over points it stays a fused element-wise pass).
+        r_i = x2d_i - uv_i
+        wr = W_i * r_i
+        if not sqrt_free:
+            s_i = jnp.sqrt(jnp.sum(W_i * r_i * r_i))
+            wr = wr * jnp.where(s_i <= huber, 1.0, huber / jnp.maximum(s_i, jnp.finfo(dtype).tiny))
+        return -(J_i[0] * wr[0] + J_i[1] * wr[1])
+
+    # dg_i/dx2d_i (6, 2) per point by forward mode, vmapped over the (last) point axis.
+    dg = jax.vmap(jax.jacfwd(g_i), in_axes=(-1, -1, -1, -1), out_axes=-1)(x2d_t, uv, J, W_t)
+
+    if hessian == "exact":
+        w2 = jnp.sqrt(W_t).T
+        H = _exact_hessian(R, t, x3d_t.T, x2d_t.T, w2, K, huber)
+    else:
+        if sqrt_free:
+            rho = jnp.ones_like(W_t[0])
+        else:
+            rho = _irls_weights((jnp.sqrt(W_t) * (x2d_t - uv)).T, huber)
+        Jf = jnp.concatenate([J[0], J[1]], axis=1)  # (6, 2N): one thin matrix product
+        Wf = jnp.concatenate([W_t[0] * rho, W_t[1] * rho])
+        H = (Jf * Wf) @ Jf.T
+    H = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
+    return dg, H
+
+
+def _apply_inverse(H, dg):
+    """A = -H^-1 dg for dg (6, 2, N): a 6x6 inverse applied by 6 fused multiply-adds over the
+    points (XLA on CPU runs a solve with 2N right-hand sides, or a vmapped small matmul, slower)."""
+    H_inv = jnp.linalg.inv(H)
+    return -geometry.lincomb_points_last(H_inv, dg.reshape(6, -1)).reshape(dg.shape)
+
+
 def implicit_jacobian(x3d, x2d, w2d, K, R, t, *, valid=None, huber=None, hessian="gauss_newton"):
     """dy/dx2d (6, 2N) of the PnP solution y = (omega, dt) w.r.t. the image points, at (R, t).
 
-    Computed per point with `jax.jacfwd` of the stationarity condition g_i (vmapped over points,
-    O(N) work): dy/dx2d_i = -H^-1 dg_i/dx2d_i. Columns are ordered like `x2d.reshape(-1)`.
+    Per point with forward-mode autodiff of the stationarity condition (see `linearize_at`):
+    dy/dx2d_i = -H^-1 dg_i/dx2d_i, O(N). Columns are ordered like `x2d.reshape(-1)`.
 
     hessian: "gauss_newton" (H = sum_i rho_i J_i^T diag(w_i^2) J_i: the linearisation of the LC
-      loss, Eq. 9-11, which gives A = H^-1 [J_i^T diag(w_i^2)]_i without Huber) or "exact" (the true
-      Hessian of the cost; equal to Gauss-Newton at zero residual, and the IFT derivative of
+      loss, Eqs. 9-11, which gives A = H^-1 [J_i^T diag(w_i^2)]_i without Huber) or "exact" (the
+      true Hessian of the cost; equal to Gauss-Newton at zero residual, and the IFT derivative of
       `solve` at a noisy solution).
     """
     check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
@@ -276,30 +337,8 @@ def implicit_jacobian(x3d, x2d, w2d, K, R, t, *, valid=None, huber=None, hessian
     w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
     if valid is not None:
         w2 = w2 * jnp.asarray(valid, dtype)[:, None]
-    zero = jnp.zeros(6, dtype)
-
-    def point_cost(delta, X, x, w):
-        Rd, td = geometry.retract(R, t, delta)
-        return pnp_cost(Rd, td, X[None], x[None], w[None], K, huber)
-
-    def point_terms(X, x, w):
-        g_x = jax.jacfwd(jax.grad(point_cost, argnums=0), argnums=2)(zero, X, x, w)  # (6, 2)
-        if hessian == "exact":
-            H_i = jax.hessian(point_cost)(zero, X, x, w)
-        else:
-            def e_of(delta):
-                Rd, td = geometry.retract(R, t, delta)
-                return w * (x - geometry.project(X[None], Rd, td, K)[0])
-
-            J = jax.jacfwd(e_of)(zero)  # (2, 6)
-            rho = _irls_weights(e_of(zero)[None], huber)[0]
-            H_i = rho * J.T @ J
-        return g_x, H_i
-
-    g_x, H_i = jax.vmap(point_terms)(x3d, x2d, w2)  # (N, 6, 2), (N, 6, 6)
-    H = jnp.sum(H_i, axis=0)
-    A = -jnp.linalg.solve(H, g_x.transpose(1, 0, 2).reshape(6, 2 * n))
-    return A
+    dg, H = linearize_at(x3d.T, (w2 * w2).T, K, R, t, huber=huber, x2d_t=x2d.T, hessian=hessian)
+    return _apply_inverse(H, dg).transpose(0, 2, 1).reshape(6, 2 * n)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""The Linear-Covariance (LC) loss (Liu, Hu & Salzmann, CVPR 2023).
+
+Instead of solving PnP and comparing the solved pose with the ground truth, the LC loss
+linearises the PnP solver at the ground-truth pose y_gt (Eqs. 9-11): a perturbation dx2d of the
+image points moves the solution by dy = A dx2d, A = H^-1 [J_i^T W_i]_i. The correspondence
+residuals r (of the prediction under the ground-truth pose) then induce a pose covariance
+C = A diag(M) A^T (Eq. 12) with M the residual variances, and a pose error e = A r (Eq. 13); the
+weights alone give the prior covariance H^-1 (Eq. 14). In a pose representation y^K = f(y^6)
+(3D box corners by default), the loss is the negative log-likelihood of a Laplace (or Gaussian)
+distribution whose scale is the prior and whose observed spread is the covariance plus the
+linearised error (Eqs. 15-17):
+
+    L_LC = log(E_prior) + 0.5 (E_cov + E_linear) / E_prior.
+
+The robust weighting follows the official implementation (clamped residuals, Huber-limited
+residual variances and weights); see `robust_weights`. Everything is per instance (vmap for
+batches) and costs O(N) (Sec. "Efficient Loss Computation"): covariances are formed in the 6D
+update space and only the diagonal of J_f C J_f^T is evaluated.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lcpose import geometry
+from lcpose.pnp.checks import check_correspondences
+from lcpose.pnp.solver import linearize_at
+
+__all__ = ["LCTerms", "lc_loss", "robust_weights", "representation_fn", "REPRESENTATIONS", "huber2"]
+
+REPRESENTATIONS = ("bbox3d", "bbox2d", "quaternion", "axis_angle", "two_column")
+
+# Residuals longer than this (pixels of the correspondence grid) are clamped (official code).
+RESIDUAL_CLAMP_PX = 32.0
+
+
+class LCTerms(NamedTuple):
+    """LC loss of one instance and its terms (leading batch axis under vmap)."""
+
+    loss: jax.Array
+    e_cov: jax.Array
+    e_prior: jax.Array
+    e_linear: jax.Array
+
+
+def huber2(a, d):
+    """a^2 for a <= d, d (2a - d) beyond: a squared magnitude that grows only linearly past d."""
+    return jnp.where(a <= d, a * a, d * (2.0 * a - d))
+
+
+def _masked_mean(x, valid):
+    """Mean over points (axis 0) of x (N, 2) restricted to valid points; per axis."""
+    v = valid[:, None]
+    return jnp.sum(x * v, axis=0) / jnp.maximum(jnp.sum(v), 1.0)
+
+
+def robust_weights(r, w2d, valid, robust: bool = True):
+    """Clamped residuals r_c, residual variances M and inverse variances W, each (N, 2).
+
+    robust=True (official implementation):
+      - clamp each 2D residual to length <= 32 px: r_c = r - sg(f r), f = max(0, (|r| - 32) / (|r| + 1e-6))
+        (the value is clamped, the gradient passes unchanged);
+      - per axis, m = sg(mean_valid |r_c|), M = huber2(|r_c|, 3 m);
+      - w_e = sg(w^2 M), m_w = mean_valid w_e per axis, d_w = sg(sqrt(4 m_w / (M + 1e-6))),
+        W = huber2(w, d_w): weights far above what their residuals support are limited.
+    robust=False: r_c = r, M = r^2, W = w^2.
+    The valid mask enters only the means.
+    """
+    sg = jax.lax.stop_gradient
+    if not robust:
+        return r, r * r, w2d * w2d
+    norm = jnp.sqrt(jnp.sum(r * r, axis=-1, keepdims=True))
+    f = jnp.maximum(0.0, (norm - RESIDUAL_CLAMP_PX) / (norm + 1e-6))
+    r_c = r - sg(f * r)
+    a = jnp.abs(r_c)
+    m = sg(_masked_mean(a, valid))
+    M = huber2(a, 3.0 * m)
+    m_w = _masked_mean(sg(w2d * w2d * M), valid)
+    d_w = sg(jnp.sqrt(4.0 * m_w / (M + 1e-6)))
+    W = huber2(w2d, d_w)
+    return r_c, M, W
+
+
+def representation_fn(name, R_gt, t_gt, K, bbox3d):
+    """f(y6) for a pose representation around (R_gt, t_gt), and its group sizes.
+
+    The Laplace/Gaussian terms are averaged over groups: the 8 corners for the boxes, and
+    (rotation parameters, translation) for the rotation representations of Table 6.
+    """
+    if name == "bbox3d":
+        def f(y):
+            R, t = geometry.retract(R_gt, t_gt, y)
+            return geometry.transform(bbox3d, R, t).reshape(-1)
+
+        return f, (3,) * 8
+    if name == "bbox2d":
+        def f(y):
+            R, t = geometry.retract(R_gt, t_gt, y)
+            return geometry.project(bbox3d, R, t, K).reshape(-1)
+
+        return f, (2,) * 8
+    rot = {
+        "quaternion": (geometry.matrix_to_quat, 4),
+        "axis_angle": (geometry.matrix_to_axis_angle, 3),
+        "two_column": (geometry.matrix_to_sixd, 6),
+    }
+    if name in rot:
+        to_params, k = rot[name]
+
+        def f(y):
+            R, t = geometry.retract(R_gt, t_gt, y)
+            return jnp.concatenate([to_params(R), t])
+
+        return f, (k, 3)
+    raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {name!r}")
+
+
+def _group_sums(values, groups):
+    """Sum `values` (K,) within consecutive groups of the given sizes -> (G,)."""
+    if len(set(groups)) == 1:
+        return jnp.sum(values.reshape(len(groups), groups[0]), axis=1)
+    out, i = [], 0
+    for g in groups:
+        out.append(jnp.sum(values[i : i + g]))
+        i += g
+    return jnp.stack(out)
+
+
+def lc_loss(
+    x2d,
+    x3d,
+    w2d,
+    K,
+    R_gt,
+    t_gt,
+    bbox3d,
+    valid=None,
+    *,
+    representation: str = "bbox3d",
+    nll: str = "laplace",
+    robust: bool = True,
+    detach_residual_cov: bool = False,
+    detach_weights_cov: bool = False,
+    use_cov: bool = True,
+    use_linear: bool = True,
+    use_prior: bool = True,
+) -> LCTerms:
+    """The LC loss of one instance (vmap for batches).
+
+    Args:
+      x2d: (N, 2) predicted image points (px of the grid that K describes, e.g. K_out).
+      x3d: (N, 3) predicted object points (mm).
+      w2d: (N, 2) positive weights = inverse standard deviations of the image coordinates.
+      K: (3, 3) intrinsics of x2d; R_gt (3, 3), t_gt (3,) the ground-truth pose (no gradient).
+      bbox3d: (8, 3) corners of the model's box (mm), for the box representations.
+      valid: optional (N,) mask; it enters only the means of the robust weighting (every point
+        enters the Hessian, as in the official implementation).
+      representation: "bbox3d" (default), "bbox2d", "quaternion", "axis_angle", "two_column".
+      nll: "laplace" (default) or "gaussian" (Table 6).
+      robust: the robust weighting of the official implementation (`robust_weights`).
+      detach_residual_cov: Table 4 C0, no gradient from E_cov into the residuals.
+      detach_weights_cov: Table 4 C1, no gradient from E_cov into the weights.
+      use_cov / use_linear / use_prior: Table 4 C2 / C3 / C4 (drop E_cov / E_linear / E_prior;
+        without E_prior the loss is 0.5 (E_cov + E_linear), and the weights' global scale is no
+        longer constrained: train without the scale branch).
+
+    Returns:
+      LCTerms(loss, e_cov, e_prior, e_linear). Gradients reach x2d and x3d through the residuals
+      (E_cov) and w2d through A and H (E_cov, E_prior, E_linear); none reach A through x3d.
+    """
+    check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
+    if nll not in ("laplace", "gaussian"):
+        raise ValueError(f"nll must be 'laplace' or 'gaussian', got {nll!r}")
+    if tuple(jnp.shape(bbox3d)) != (8, 3):
+        raise ValueError(f"bbox3d must have shape (8, 3), got {tuple(jnp.shape(bbox3d))}")
+    if not (use_cov or use_linear):
+        raise ValueError("at least one of use_cov and use_linear must be True")
+    sg = jax.lax.stop_gradient
+    dtype = jnp.result_type(x2d, x3d, w2d)
+    x2d, x3d = jnp.asarray(x2d, dtype), jnp.asarray(x3d, dtype)
+    n = x3d.shape[0]
+    w2d = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
+    K, R_gt, t_gt, bbox3d = (sg(jnp.asarray(a, dtype)) for a in (K, R_gt, t_gt, bbox3d))
+    valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
+
+    # 1-2. residuals under the ground truth and the robust weighting.
+    r = x2d - geometry.project(x3d, R_gt, t_gt, K)
+    r_c, M, W = robust_weights(r, w2d, valid_f, robust)
+
+    # 3. the solver linearised at the ground truth, x3d held constant. With dg the per-point
+    # blocks of d(stationarity)/dx2d (jacfwd per point) the implicit-function Jacobian is
+    # A = dy/dx2d = -H^-1 dg = H^-1 [J_i^T W_i]_i (Eqs. 9-11).
+    dg, H = linearize_at(sg(x3d).T, W.T, K, R_gt, t_gt)
+    dg = dg.reshape(6, 2 * n)  # columns: (u of every point, then v of every point)
+    M_f = M.T.reshape(-1)
+    H_inv = jnp.linalg.inv(H)
+    H_inv = 0.5 * (H_inv + H_inv.T)
+
+    # 4. covariances in the 6D update space (Eqs. 12, 14) without forming A (6 x 2N):
+    # C = A diag(M) A^T = H^-1 (dg diag(M) dg^T) H^-1, e = A r = -H^-1 (dg r): O(36 N).
+    dg_cov, H_inv_cov = (sg(dg), sg(H_inv)) if detach_weights_cov else (dg, H_inv)
+    M_cov = sg(M_f) if detach_residual_cov else M_f
+    G = (dg_cov * M_cov) @ dg_cov.T
+    C6 = H_inv_cov @ G @ H_inv_cov
+    C6 = 0.5 * (C6 + C6.T)
+    C6_prior = H_inv
+    e6 = -H_inv @ (dg @ sg(r_c).T.reshape(-1))  # linearised pose error (Eq. 13)
+
+    # 5. map to the representation: only the diagonal of J_f C J_f^T is needed.
+    f, groups = representation_fn(representation, R_gt, t_gt, K, bbox3d)
+    J_f = jax.jacfwd(f)(jnp.zeros(6, dtype))  # (K, 6)
+    diag_cov = jnp.sum((J_f @ C6) * J_f, axis=1)
+    diag_prior = jnp.sum((J_f @ C6_prior) * J_f, axis=1)
+    e_lin = J_f @ e6
+    cov_g = _group_sums(diag_cov, groups)
+    prior_g = _group_sums(diag_prior, groups)
+    lin_g = _group_sums(e_lin * e_lin, groups)
+    tiny = jnp.finfo(dtype).tiny
+    if nll == "laplace":
+        # mean over groups of the Euclidean scale: sqrt of the group's summed variances.
+        root = lambda v: jnp.sqrt(jnp.maximum(v, tiny))  # noqa: E731
+        e_cov, e_prior, e_linear = (jnp.mean(root(v)) for v in (cov_g, prior_g, lin_g))
+    else:
+        e_cov, e_prior, e_linear = (jnp.mean(v) for v in (cov_g, prior_g, lin_g))
+
+    # 6. Eq. 17 with the Table 4 switches.
+    e_cov_used = e_cov if use_cov else jnp.zeros_like(e_cov)
+    e_lin_used = e_linear if use_linear else jnp.zeros_like(e_linear)
+    if use_prior:
+        loss = jnp.log(e_prior) + 0.5 * (e_cov_used + e_lin_used) / e_prior
+    else:
+        loss = 0.5 * (e_cov_used + e_lin_used)
+    return LCTerms(loss=loss, e_cov=e_cov, e_prior=e_prior, e_linear=e_linear)
