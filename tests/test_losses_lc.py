@@ -1,0 +1,213 @@
+"""The LC loss: values and gradients against a dense closed-form reference, the linearisation
+against the empirical covariance of the solver, invariances, the averaging effect, ablations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench.common import LMO_K, pnp_scenes
+from lcpose import geometry, metrics, pnp
+from lcpose.losses import lc_loss
+from lcpose.losses.lc import RESIDUAL_CLAMP_PX, huber2
+
+K = jnp.asarray(LMO_K)
+BBOX = geometry.bbox3d_corners(jnp.array([-60.0, -50.0, -40.0]), jnp.array([60.0, 50.0, 40.0]))
+
+
+def _instance(seed=0, n=12, noise=2.0, outlier=True):
+    rng = np.random.default_rng(seed)
+    x3d, x2d, R, t, _ = pnp_scenes(rng, 1, n, noise_px=noise)
+    x2d = x2d[0].copy()
+    if outlier:
+        x2d[0] += [45.0, -20.0]  # beyond the 32 px clamp
+    w = rng.uniform(0.5, 2.0, size=(n, 2))
+    if outlier:
+        w[1] = [25.0, 30.0]  # a weight far above what its residual supports (robust W limit)
+    return (jnp.asarray(x2d), jnp.asarray(x3d[0]), jnp.asarray(w), jnp.asarray(R[0]), jnp.asarray(t[0]))
+
+
+def _frozen_constants(x2d, x3d, w, R, t, robust):
+    """The stop-gradient quantities of the LC loss, evaluated once at the base point."""
+    r = np.asarray(x2d - geometry.project(x3d, R, t, K))
+    norm = np.linalg.norm(r, axis=1, keepdims=True)
+    f = np.maximum(0.0, (norm - RESIDUAL_CLAMP_PX) / (norm + 1e-6)) if robust else np.zeros_like(norm)
+    r_c = r - f * r
+    m = np.mean(np.abs(r_c), axis=0)
+    M = np.asarray(huber2(np.abs(r_c), 3 * m)) if robust else r_c**2
+    m_w = np.mean(np.asarray(w) ** 2 * M, axis=0)
+    d_w = np.sqrt(4 * m_w / (M + 1e-6))
+    return dict(clamp=f * r, m=m, d_w=d_w, r_c=r_c, x3d=np.asarray(x3d))
+
+
+def _lc_reference(x2d, x3d, w, R, t, c, robust=True, nll="laplace"):
+    """Dense, closed-form LC (Eqs. 9-17) with the detached quantities frozen (constants `c`)."""
+    r = x2d - geometry.project(x3d, R, t, K)
+    if robust:
+        r_c = r - c["clamp"]
+        M = huber2(jnp.abs(r_c), 3 * c["m"])
+        W = huber2(w, c["d_w"])
+    else:
+        M, W = r * r, w * w
+    J = geometry.project_jacobian(jnp.asarray(c["x3d"]), R, t, K)  # x3d held constant in A
+    H = jnp.einsum("nai,na,naj->ij", J, W, J)
+    A = jnp.linalg.solve(H, (J * W[..., None]).reshape(-1, 6).T)  # (6, 2N), point-major
+    C = A @ jnp.diag(M.reshape(-1)) @ A.T
+    e = A @ jnp.asarray(c["r_c"]).reshape(-1)
+    # bbox3d: corner k moves by [-R [X_k]x, I] y
+    Jf = jnp.concatenate([jnp.concatenate([-R @ geometry.skew(X), jnp.eye(3)], axis=1) for X in BBOX], axis=0)
+    Hinv = jnp.linalg.inv(H)
+    cov = jnp.diag(Jf @ C @ Jf.T).reshape(8, 3).sum(1)
+    prior = jnp.diag(Jf @ Hinv @ Jf.T).reshape(8, 3).sum(1)
+    lin = ((Jf @ e) ** 2).reshape(8, 3).sum(1)
+    if nll == "laplace":
+        e_cov, e_prior, e_lin = jnp.mean(jnp.sqrt(cov)), jnp.mean(jnp.sqrt(prior)), jnp.mean(jnp.sqrt(lin))
+    else:
+        e_cov, e_prior, e_lin = jnp.mean(cov), jnp.mean(prior), jnp.mean(lin)
+    return jnp.log(e_prior) + 0.5 * (e_cov + e_lin) / e_prior, (e_cov, e_prior, e_lin)
+
+
+def _central_differences(f, args, eps=1e-6):
+    out = []
+    for i, a in enumerate(args):
+        a = np.asarray(a)
+        num = np.zeros(a.shape)
+        for idx in np.ndindex(a.shape):
+            d = np.zeros(a.shape)
+            d[idx] = eps
+            ap, am = list(args), list(args)
+            ap[i], am[i] = jnp.asarray(a + d), jnp.asarray(a - d)
+            num[idx] = (float(f(*ap)) - float(f(*am))) / (2 * eps)
+        out.append(num)
+    return out
+
+
+@pytest.mark.parametrize("robust, nll", [(True, "laplace"), (False, "laplace"), (True, "gaussian")])
+def test_values_and_gradients_against_the_closed_form_reference(robust, nll):
+    x2d, x3d, w, R, t = _instance(1)
+    c = _frozen_constants(x2d, x3d, w, R, t, robust)
+    loss_fn = jax.jit(lambda a, b, ww: lc_loss(a, b, ww, K, R, t, BBOX, robust=robust, nll=nll))
+    terms = loss_fn(x2d, x3d, w)
+    ref, (rc, rp, rl) = _lc_reference(x2d, x3d, w, R, t, c, robust, nll)
+    np.testing.assert_allclose([terms.loss, terms.e_cov, terms.e_prior, terms.e_linear], [ref, rc, rp, rl], rtol=1e-6)  # eps*trace(H) regulariser
+    grads = jax.grad(lambda a, b, ww: loss_fn(a, b, ww).loss, argnums=(0, 1, 2))(x2d, x3d, w)
+    ref_fn = jax.jit(lambda a, b, ww: _lc_reference(a, b, ww, R, t, c, robust, nll)[0])
+    for got, num in zip(grads, _central_differences(ref_fn, (x2d, x3d, w))):
+        err = np.max(np.abs(np.asarray(got) - num)) / np.max(np.abs(num))
+        assert err < 1e-5, err
+
+
+def test_linearised_covariance_matches_the_solver_empirically():
+    """Small noise: A diag(sigma^2) A^T (the covariance LC uses) vs the spread of pnp.solve."""
+    n, draws, sigma = 48, 3000, 0.5
+    rng = np.random.default_rng(3)
+    x3d, x2d0, R, t, _ = pnp_scenes(rng, 1, n, noise_px=0.0)
+    X, R_gt, t_gt = jnp.asarray(x3d[0]), jnp.asarray(R[0]), jnp.asarray(t[0])
+    noisy = jnp.asarray(x2d0[0][None] + sigma * rng.normal(size=(draws, n, 2)))
+    ones = jnp.ones((n, 2))
+    sols = jax.jit(jax.vmap(lambda x: pnp.solve(X, x, ones, K, R0=R_gt, t0=t_gt)))(noisy)
+    assert np.all(np.asarray(sols.converged))
+    dy = np.concatenate(
+        [np.asarray(jax.vmap(lambda Rs: geometry.so3_log(R_gt.T @ Rs))(sols.R)), np.asarray(sols.t - t_gt)], axis=1
+    )
+    empirical = np.var(dy, axis=0)
+    A = np.asarray(pnp.implicit_jacobian(X, jnp.asarray(x2d0[0]), ones, K, R_gt, t_gt))
+    predicted = np.diag(A @ (sigma**2 * np.eye(2 * n)) @ A.T)
+    np.testing.assert_allclose(empirical / predicted, np.ones(6), atol=0.1)
+
+
+@pytest.mark.parametrize("robust", [True, False])
+def test_global_weight_scale_leaves_cov_and_linear_terms_unchanged(robust):
+    x2d, x3d, w, R, t = _instance(2)
+    f = jax.jit(lambda ww: lc_loss(x2d, x3d, ww, K, R, t, BBOX, robust=robust))
+    a, b = f(w), f(3.0 * w)
+    np.testing.assert_allclose(b.e_cov, a.e_cov, rtol=1e-9)
+    np.testing.assert_allclose(b.e_linear, a.e_linear, rtol=1e-9)
+    np.testing.assert_allclose(b.e_prior, a.e_prior / 3.0, rtol=1e-9)  # Laplace: std scales 1/s
+
+
+def test_averaging_effect_pose_loss_misleads_good_points_lc_does_not():
+    """Fig. 2 in PnP: with one outlier a pose loss gives good correspondences gradients that
+    increase their own error; LC's per-correspondence terms keep every gradient correct."""
+    n = 24
+    rng = np.random.default_rng(4)
+    x3d, x2d, R, t, _ = pnp_scenes(rng, 1, n, noise_px=0.3)
+    X, x, R_gt, t_gt = jnp.asarray(x3d[0]), jnp.asarray(x2d[0]), jnp.asarray(R[0]), jnp.asarray(t[0])
+    x = x.at[0].add(jnp.array([25.0, 15.0]))  # one bad correspondence
+    w = jnp.ones((n, 2))
+
+    def pose_loss(X):
+        res = pnp.solve(X, x, w, K, R0=R_gt, t0=t_gt)
+        return jnp.mean(jnp.linalg.norm(geometry.transform(BBOX, res.R, res.t) - geometry.transform(BBOX, R_gt, t_gt), axis=1))
+
+    g_pose = jax.jit(jax.grad(pose_loss))(X)
+    g_lc = jax.jit(jax.grad(lambda X: lc_loss(x, X, w, K, R_gt, t_gt, BBOX).loss))(X)
+    ok_pose, counted_pose = metrics.gradient_correct_mask(g_pose, X, x, K, R_gt, t_gt)
+    ok_lc, counted_lc = metrics.gradient_correct_mask(g_lc, X, x, K, R_gt, t_gt)
+    good = np.arange(n) > 0
+    assert np.all(np.asarray(ok_lc)[np.asarray(counted_lc)])  # LC: every gradient is correct
+    wrong_pose = (~np.asarray(ok_pose)) & np.asarray(counted_pose) & good
+    assert wrong_pose.sum() >= 3  # the pose loss moves several good points the wrong way
+
+
+def test_ablation_switches_cut_the_stated_gradients():
+    x2d, x3d, w, R, t = _instance(5)
+
+    def grads(term, **kw):
+        f = lambda a, b, ww: getattr(lc_loss(a, b, ww, K, R, t, BBOX, **kw), term)  # noqa: E731
+        return [np.asarray(g) for g in jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x2d, x3d, w)]
+
+    gx2, gx3, gw = grads("e_prior")
+    assert np.all(gx2 == 0) and np.all(gx3 == 0) and np.any(gw != 0)  # weights only
+    gx2, gx3, gw = grads("e_linear")
+    assert np.all(gx2 == 0) and np.all(gx3 == 0) and np.any(gw != 0)  # residuals detached
+    gx2, gx3, gw = grads("e_cov")
+    assert np.any(gx2 != 0) and np.any(gx3 != 0) and np.any(gw != 0)
+    gx2, gx3, _ = grads("e_cov", detach_residual_cov=True)  # C0
+    assert np.all(gx2 == 0) and np.all(gx3 == 0)
+    _, _, gw = grads("e_cov", detach_weights_cov=True)  # C1
+    assert np.all(gw == 0)
+    gx2, gx3, _ = grads("loss", use_cov=False)  # C2: no residual gradient at all
+    assert np.all(gx2 == 0) and np.all(gx3 == 0)
+    full = lc_loss(x2d, x3d, w, K, R, t, BBOX)
+    c3 = lc_loss(x2d, x3d, w, K, R, t, BBOX, use_linear=False)  # C3
+    np.testing.assert_allclose(c3.loss, jnp.log(full.e_prior) + 0.5 * full.e_cov / full.e_prior, rtol=1e-12)
+    c4 = lc_loss(x2d, x3d, w, K, R, t, BBOX, use_prior=False)  # C4
+    np.testing.assert_allclose(c4.loss, 0.5 * (full.e_cov + full.e_linear), rtol=1e-12)
+
+
+@pytest.mark.parametrize("representation", ["bbox3d", "bbox2d", "quaternion", "axis_angle", "two_column"])
+def test_representations_batched_float32(representation):
+    b, n = 4, 64
+    x3d, x2d, R, t, _ = pnp_scenes(np.random.default_rng(6), b, n, noise_px=1.0)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    f = jax.jit(
+        jax.vmap(
+            lambda a, bb, r, tt: lc_loss(a, bb, jnp.ones_like(a), f32(LMO_K), r, tt, f32(BBOX), representation=representation)
+        )
+    )
+    terms = f(f32(x2d), f32(x3d), f32(R), f32(t))
+    assert terms.loss.shape == (b,) and terms.loss.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(terms.loss)))
+    assert np.all(np.asarray(terms.e_prior) > 0) and np.all(np.asarray(terms.e_cov) > 0)
+
+
+def test_bbox2d_prior_is_the_projected_prior_covariance():
+    x2d, x3d, w, R, t = _instance(7, outlier=False)
+    terms = lc_loss(x2d, x3d, w, K, R, t, BBOX, representation="bbox2d", robust=False)
+    J = geometry.project_jacobian(x3d, R, t, K)
+    H = jnp.einsum("nai,na,naj->ij", J, w * w, J)
+    Jc = geometry.project_jacobian(BBOX, R, t, K)  # (8, 2, 6): corners' image Jacobians
+    var = jnp.einsum("cai,ij,caj->c", Jc, jnp.linalg.inv(H), Jc)
+    np.testing.assert_allclose(terms.e_prior, jnp.mean(jnp.sqrt(var)), rtol=1e-9)
+
+
+def test_bad_input_errors_name_the_argument():
+    x2d, x3d, w, R, t = _instance(8)
+    with pytest.raises(ValueError, match="bbox3d"):
+        lc_loss(x2d, x3d, w, K, R, t, BBOX[:4])
+    with pytest.raises(ValueError, match="representation"):
+        lc_loss(x2d, x3d, w, K, R, t, BBOX, representation="euler")
+    with pytest.raises(ValueError, match="nll"):
+        lc_loss(x2d, x3d, w, K, R, t, BBOX, nll="cauchy")
+    with pytest.raises(ValueError, match="x2d"):
+        lc_loss(x2d[:5], x3d, w, K, R, t, BBOX)
