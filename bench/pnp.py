@@ -27,7 +27,8 @@ def _accuracy(R, t, R_gt, t_gt):
     }
 
 
-def _opencv(x3d, x2d, K, flag):
+def opencv_solve(x3d, x2d, K, flag=cv2.SOLVEPNP_ITERATIVE):
+    """cv2.solvePnP on each instance of a batch: (R (B, 3, 3), t (B, 3))."""
     Rs, ts = [], []
     for X, x in zip(x3d, x2d):
         _, rvec, tvec = cv2.solvePnP(X, x, K, None, flags=flag)
@@ -67,10 +68,10 @@ def main(argv=None):
 
     log("OpenCV")
     x3d_c, x2d_c = np.ascontiguousarray(x3d), np.ascontiguousarray(x2d)
-    R_it, t_it = _opencv(x3d_c, x2d_c, K, cv2.SOLVEPNP_ITERATIVE)
-    t_cv_it = time_call(lambda: _opencv(x3d_c, x2d_c, K, cv2.SOLVEPNP_ITERATIVE), repeats=3, warmup=0)
-    R_ep, t_ep = _opencv(x3d_c, x2d_c, K, cv2.SOLVEPNP_EPNP)
-    t_cv_ep = time_call(lambda: _opencv(x3d_c, x2d_c, K, cv2.SOLVEPNP_EPNP), repeats=3, warmup=0)
+    R_it, t_it = opencv_solve(x3d_c, x2d_c, K, cv2.SOLVEPNP_ITERATIVE)
+    t_cv_it = time_call(lambda: opencv_solve(x3d_c, x2d_c, K, cv2.SOLVEPNP_ITERATIVE), repeats=3, warmup=0)
+    R_ep, t_ep = opencv_solve(x3d_c, x2d_c, K, cv2.SOLVEPNP_EPNP)
+    t_cv_ep = time_call(lambda: opencv_solve(x3d_c, x2d_c, K, cv2.SOLVEPNP_EPNP), repeats=3, warmup=0)
 
     ms = lambda s: 1e3 * s / B  # noqa: E731
     out = {

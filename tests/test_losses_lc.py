@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bench.common import LMO_K, pnp_scenes
+from tests.numeric import central_differences
 from lcpose import geometry, metrics, pnp
 from lcpose.losses import lc_loss
 from lcpose.losses.lc import RESIDUAL_CLAMP_PX, huber2
@@ -66,21 +67,6 @@ def _lc_reference(x2d, x3d, w, R, t, c, robust=True, nll="laplace"):
     return jnp.log(e_prior) + 0.5 * (e_cov + e_lin) / e_prior, (e_cov, e_prior, e_lin)
 
 
-def _central_differences(f, args, eps=1e-6):
-    out = []
-    for i, a in enumerate(args):
-        a = np.asarray(a)
-        num = np.zeros(a.shape)
-        for idx in np.ndindex(a.shape):
-            d = np.zeros(a.shape)
-            d[idx] = eps
-            ap, am = list(args), list(args)
-            ap[i], am[i] = jnp.asarray(a + d), jnp.asarray(a - d)
-            num[idx] = (float(f(*ap)) - float(f(*am))) / (2 * eps)
-        out.append(num)
-    return out
-
-
 @pytest.mark.parametrize("robust, nll", [(True, "laplace"), (False, "laplace"), (True, "gaussian")])
 def test_values_and_gradients_against_the_closed_form_reference(robust, nll):
     x2d, x3d, w, R, t = _instance(1)
@@ -91,7 +77,7 @@ def test_values_and_gradients_against_the_closed_form_reference(robust, nll):
     np.testing.assert_allclose([terms.loss, terms.e_cov, terms.e_prior, terms.e_linear], [ref, rc, rp, rl], rtol=1e-6)  # eps*trace(H) regulariser
     grads = jax.grad(lambda a, b, ww: loss_fn(a, b, ww).loss, argnums=(0, 1, 2))(x2d, x3d, w)
     ref_fn = jax.jit(lambda a, b, ww: _lc_reference(a, b, ww, R, t, c, robust, nll)[0])
-    for got, num in zip(grads, _central_differences(ref_fn, (x2d, x3d, w))):
+    for got, num in zip(grads, central_differences(ref_fn, (x2d, x3d, w))):
         err = np.max(np.abs(np.asarray(got) - num)) / np.max(np.abs(num))
         assert err < 1e-5, err
 

@@ -1,11 +1,12 @@
 """lcpose.pnp: EPnP, LM `solve` against OpenCV, implicit derivatives, RANSAC, bad input."""
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bench.common import LMO_K, pnp_scenes
+from bench.pnp import opencv_solve
+from tests.numeric import central_differences
 from lcpose import geometry, metrics, pnp
 
 K64 = jnp.asarray(LMO_K)
@@ -15,15 +16,6 @@ _epnp_batch = jax.jit(jax.vmap(pnp.epnp, in_axes=(0, 0, None)))
 
 def _rot_err(R, R_gt):
     return np.asarray(jax.vmap(metrics.rotation_error_deg)(jnp.asarray(R, jnp.float64), jnp.asarray(R_gt)))
-
-
-def _opencv(x3d, x2d, flag=cv2.SOLVEPNP_ITERATIVE):
-    Rs, ts = [], []
-    for X, x in zip(x3d, x2d):
-        _, rv, tv = cv2.solvePnP(X, x, LMO_K, None, flags=flag)
-        Rs.append(cv2.Rodrigues(rv)[0])
-        ts.append(tv.ravel())
-    return np.stack(Rs), np.stack(ts)
 
 
 @pytest.mark.parametrize("n", [6, 64])
@@ -48,7 +40,7 @@ def test_solve_is_as_accurate_as_opencv_iterative(n, dtype):
     )
     assert res.R.dtype == dtype
     assert np.all(np.asarray(res.converged))
-    R_cv, t_cv = _opencv(x3d, x2d)
+    R_cv, t_cv = opencv_solve(x3d, x2d, LMO_K)
     ours = np.median(_rot_err(res.R, R)), np.median(np.linalg.norm(np.asarray(res.t, np.float64) - t, axis=1))
     cv = np.median(_rot_err(R_cv, R)), np.median(np.linalg.norm(t_cv - t, axis=1))
     # Both solve the same least-squares problem: where both reach its minimum the medians agree
@@ -87,23 +79,6 @@ def _scene(seed, n=10, noise=2.0):
     return jnp.asarray(x3d[0]), jnp.asarray(x2d[0]), jnp.asarray(w)
 
 
-def _central_differences(f, args, eps=1e-6):
-    out = []
-    for i, a in enumerate(args):
-        a = np.asarray(a)
-        num = np.zeros(a.shape)
-        for idx in np.ndindex(a.shape):
-            d = np.zeros(a.shape)
-            d[idx] = eps
-            ap = [jnp.asarray(b) for b in args]
-            am = list(ap)
-            ap[i] = jnp.asarray(a + d)
-            am[i] = jnp.asarray(a - d)
-            num[idx] = (float(f(*ap)) - float(f(*am))) / (2 * eps)
-        out.append(num)
-    return out
-
-
 @pytest.mark.parametrize("huber", [None, 4.0])
 def test_solve_gradients_match_finite_differences(huber):
     """Implicit-function-theorem VJP of (R, t) and the cost w.r.t. x3d, x2d, w2d (float64)."""
@@ -117,7 +92,7 @@ def test_solve_gradients_match_finite_differences(huber):
         return jnp.sum(r.R * coef_R) + jnp.sum(r.t * coef_t) + 1e-3 * r.cost
 
     grads = jax.grad(f, argnums=(0, 1, 2))(X, x, w)
-    for got, num in zip(grads, _central_differences(f, (X, x, w))):
+    for got, num in zip(grads, central_differences(f, (X, x, w))):
         assert np.all(np.isfinite(got))
         err = np.max(np.abs(np.asarray(got) - num)) / np.max(np.abs(num))
         assert err < 1e-5, err

@@ -11,7 +11,7 @@ import pytest
 
 from lcpose import train
 from lcpose.train.checkpoint import decode_iterator_state, encode_iterator_state
-from test_train_step import ranger_setup
+from tests.test_train_step import ranger_setup
 
 TOTAL, INTERVAL = 10, 4          # resumed from step 4, crossing a Lookahead sync at 6
 
