@@ -1,0 +1,197 @@
+"""Small helpers shared by the pose losses: argument checks, masked weights, safe norms, box-corner
+distances and the Huber-robust PnP cost in the points-last layout.
+
+Every numeric helper works on one instance and follows the dtype of its inputs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lcpose import geometry
+from lcpose.pnp.checks import check_correspondences, check_pose
+
+__all__ = [
+    "check_loss_inputs",
+    "loss_dtype",
+    "masked_weights",
+    "safe_norm",
+    "smooth_norm",
+    "smooth_l1",
+    "corner_distance",
+    "rotation_cosine_distance",
+    "robust_point_costs_t",
+    "robust_cost_t",
+    "adaptive_huber_delta",
+    "cholesky_small",
+    "solve_lower_small",
+    "cho_solve_small",
+]
+
+
+def check_loss_inputs(x2d, x3d, w2d, K, R_gt, t_gt, bbox3d=None, valid=None):
+    """Shape checks at the Python boundary (they also run at trace time under jit/vmap).
+
+    Raises ValueError naming the offending argument; returns N.
+    """
+    n = check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
+    check_pose(R_gt, t_gt, "R_gt", "t_gt")
+    if R_gt is None:
+        raise ValueError("R_gt and t_gt are required")
+    if bbox3d is not None:
+        shape = tuple(getattr(bbox3d, "shape", ()))
+        if shape != (8, 3):
+            raise ValueError(f"bbox3d must have shape (8, 3) (the box corners, mm), got {shape}")
+    return n
+
+
+def loss_dtype(*xs):
+    """The common floating dtype of the inputs (float32 when none is floating)."""
+    dtype = jnp.result_type(*xs)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    return dtype
+
+
+def masked_weights(w2d, n, dtype, valid=None):
+    """(N, 2) non-negative weights with invalid points zeroed (w2d may be (N,) or (N, 2))."""
+    w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
+    if valid is not None:
+        w2 = w2 * (jnp.asarray(valid) > 0).astype(dtype)[:, None]
+    return w2
+
+
+def safe_norm(x, axis=-1):
+    """Euclidean norm whose gradient is 0 (not NaN) where the vector is exactly 0."""
+    s2 = jnp.sum(x * x, axis=axis)
+    pos = s2 > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s2, 1.0)), 0.0)
+
+
+def smooth_norm(x, eps, axis=-1):
+    """sqrt(|x|^2 + eps^2) - eps: the Euclidean norm, smooth at 0 (within eps of |x| everywhere)."""
+    return jnp.sqrt(jnp.sum(x * x, axis=axis) + eps * eps) - eps
+
+
+def smooth_l1(d, beta):
+    """Smooth-L1 of a non-negative distance: 0.5 d^2 / beta below beta, d - 0.5 beta above."""
+    return jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+
+
+def corner_distance(R, t, R_gt, t_gt, bbox3d, eps=0.0):
+    """Mean over the 8 box corners of || (R c + t) - (R_gt c + t_gt) || (mm).
+
+    eps > 0 uses `smooth_norm` (differentiable at a perfect pose, within eps of the distance).
+    """
+    d = geometry.transform(bbox3d, R, t) - geometry.transform(bbox3d, R_gt, t_gt)
+    dist = smooth_norm(d, eps) if eps > 0 else safe_norm(d)
+    return jnp.mean(dist)
+
+
+def rotation_cosine_distance(R, R_gt):
+    """1 - cos(angle of R_gt^T R) = (3 - tr(R_gt^T R)) / 2, in [0, 2].
+
+    Equal to 2 (1 - <q, q_gt>^2), the orientation term of EPro-PnP's derivative regularisation,
+    without quaternions (and without their sign ambiguity).
+    """
+    return 0.5 * (3.0 - jnp.sum(R * R_gt))
+
+
+def robust_point_costs_t(e_t, huber):
+    """Per-point costs rho(||e_i||) (N,) of weighted residuals e_t (2, N), points last.
+
+    rho(s) = s^2 / 2, or Huber's s^2/2 (s <= huber), huber (s - huber / 2) (s > huber): the same
+    kernel as `lcpose.pnp.pnp_cost` (and EPro-PnP's `huber_kernel`). `huber` may be traced.
+    """
+    s2 = e_t[0] * e_t[0] + e_t[1] * e_t[1]
+    if huber is None:
+        return 0.5 * s2
+    small = s2 <= huber * huber
+    s = jnp.sqrt(jnp.where(small, jnp.ones_like(s2), s2))
+    return jnp.where(small, 0.5 * s2, huber * (s - 0.5 * huber))
+
+
+def robust_cost_t(R, t, x3d_t, x2d_t, w2_t, K, huber):
+    """The robust PnP cost sum_i rho(||w_i * r_i||) in the points-last layout ((3, N), (2, N), (2, N)).
+
+    Equal to `lcpose.pnp.pnp_cost(R, t, x3d, x2d, w2, K, huber)`; the points-last layout keeps the
+    per-point work on the contiguous axis when it is vmapped over many poses (EPro-PnP's samples).
+    """
+    e = w2_t * (x2d_t - geometry.project_points_last(x3d_t, R, t, K))
+    return jnp.sum(robust_point_costs_t(e, huber))
+
+
+def adaptive_huber_delta(x2d, w2, valid_f, relative_delta):
+    """EPro-PnP's adaptive Huber threshold (`AdaptiveHuberPnPCost.set_param` of the official code):
+
+        delta = relative_delta * mean(w) * sqrt(var(u) + var(v)),
+
+    means and variances over the valid points (the mean of w over both axes). The product of a
+    weight (1/px) and a spread (px) is free of the pixel scale, so delta is the same whether the
+    points are in image pixels (as the official code) or in output-grid pixels with K_out (lcpose).
+    """
+    cnt = jnp.maximum(jnp.sum(valid_f), 1.0)
+    w_mean = jnp.sum(w2 * valid_f[:, None]) / (2.0 * cnt)
+    mu = jnp.sum(x2d * valid_f[:, None], axis=0) / cnt
+    # torch.var is the unbiased estimator.
+    var = jnp.sum(((x2d - mu) ** 2) * valid_f[:, None], axis=0) / jnp.maximum(cnt - 1.0, 1.0)
+    return relative_delta * w_mean * jnp.sqrt(jnp.sum(var))
+
+
+# ----------------------------------------------------------------------------------------------
+# Unrolled linear algebra for small (n <= 6) matrices
+# ----------------------------------------------------------------------------------------------
+# jnp.linalg.cholesky / solve_triangular / inv lower to LAPACK custom calls on CPU. Vmapped, they
+# become batched calls that split their batch over XLA's intra-op thread pool and wait for the
+# pieces; with two such calls running concurrently on a 2-thread pool, jaxlib 0.10 can deadlock
+# (both pool threads wait inside lapack_strsm_ffi's ParallelBatchMap). These unrolled versions
+# are plain element-wise jnp (fused, differentiable, no custom calls) and faster at these sizes.
+
+
+def cholesky_small(S):
+    """Lower Cholesky factor of a small SPD matrix (..., n, n); NaN where S is not positive definite."""
+    n = S.shape[-1]
+    L = [[None] * n for _ in range(n)]
+    for j in range(n):
+        acc = S[..., j, j]
+        for k in range(j):
+            acc = acc - L[j][k] * L[j][k]
+        d = jnp.sqrt(acc)
+        L[j][j] = d
+        for i in range(j + 1, n):
+            acc = S[..., i, j]
+            for k in range(j):
+                acc = acc - L[i][k] * L[j][k]
+            L[i][j] = acc / d
+    zero = jnp.zeros_like(S[..., 0, 0])
+    rows = [jnp.stack([L[i][j] if j <= i else zero for j in range(n)], axis=-1) for i in range(n)]
+    return jnp.stack(rows, axis=-2)
+
+
+def solve_lower_small(L, b):
+    """L^-1 b for lower-triangular L (n, n) and b (n, ...) by unrolled forward substitution."""
+    n = L.shape[-1]
+    x = []
+    for i in range(n):
+        acc = b[i]
+        for k in range(i):
+            acc = acc - L[i, k] * x[k]
+        x.append(acc / L[i, i])
+    return jnp.stack(x)
+
+
+def _solve_upper_t_small(L, b):
+    """L^-T b by unrolled back substitution."""
+    n = L.shape[-1]
+    x = [None] * n
+    for i in reversed(range(n)):
+        acc = b[i]
+        for k in range(i + 1, n):
+            acc = acc - L[k, i] * x[k]
+        x[i] = acc / L[i, i]
+    return jnp.stack(x)
+
+
+def cho_solve_small(L, b):
+    """(L L^T)^-1 b for a Cholesky factor L (n, n) and b (n, ...)."""
+    return _solve_upper_t_small(L, solve_lower_small(L, b))
