@@ -58,13 +58,18 @@ Other differences from the official code, each for numerical safety in float32 a
 * proposals live in the local frame of y* (q_local = q*^-1 q, t_local = t - t*), which keeps the
   tiny tangent variances of the ACG representable (the frame change is orthogonal, so densities
   are unchanged); the absolute 1e-5 ridge of their ACG fit is replaced by a relative one;
-* samples with a point in front of z < `z_min_mm` are dropped (weight 0) instead of clamping the
-  depth and the projection box;
+* samples that put a valid point at a depth below `z_min_mm` are dropped (weight 0) instead of
+  clamping the depth and the projection box;
 * the LM solve is `lcpose.pnp.solve` (to convergence) started from the lower-cost of weighted
   EPnP and the ground truth (the official training starts its LM from the lower-cost of its
   random-sample LM and the ground truth), unless R0, t0 are given.
 The official trainer divides L_KL by a running mean of the predicted global weight scale: pass it
-as `norm_factor` (default 1).
+as `norm_factor` (default 1). K is data here (no gradient).
+
+Accuracy: on a well-conditioned 6-DoF problem the estimate of log Z is within ~0.05 of the
+Laplace value per key; AMIS's proposals are refitted to the samples they then reweight, which
+biases log Z low by ~0.06 at K' = 128 (~0.01 at K' = 512); `num_iters=1` (plain importance
+sampling from the Laplace-fitted proposal) is unbiased. tests/test_losses_epropnp.py checks these.
 """
 from __future__ import annotations
 
