@@ -95,7 +95,9 @@ def test_matches_opencv_pose(batch, value_and_grad):
         return float(np.sum((np.asarray(geometry.project(x3d[0], Rm, tv, K)) - x2d[0]) ** 2))
 
     assert sq_err(np.asarray(out.R[0]), np.asarray(out.t[0])) <= sq_err(R_cv, tvec.ravel()) + 1e-9
-    expect = corner_distance(jnp.asarray(R_cv), jnp.asarray(tvec.ravel()), jnp.asarray(R[0]), jnp.asarray(t[0]), jnp.asarray(BBOX))
+    expect = corner_distance(
+        jnp.asarray(R_cv), jnp.asarray(tvec.ravel()), jnp.asarray(R[0]), jnp.asarray(t[0]), jnp.asarray(BBOX)
+    )
     # The loss is the smoothed distance sqrt(d^2 + s^2) - s, s = 1e-3 mm.
     assert float(out.loss[0]) == pytest.approx(float(expect), abs=2e-3)
 

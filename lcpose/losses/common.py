@@ -5,7 +5,6 @@ Every numeric helper works on one instance and follows the dtype of its inputs.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from lcpose import geometry
