@@ -1,0 +1,1 @@
+"""Runnable experiments of lcpose (``python -m experiments.<name>``) and their configurations."""

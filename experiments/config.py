@@ -1,0 +1,136 @@
+"""Configurations of the experiments: the CPU-sized default and the paper's LM-O recipe.
+
+``CONFIGS["cpu"]`` is what ``python -m experiments.lmo_gdr`` runs with no arguments: the
+embedded synthetic BOP set, a small GDR-Net (ResNet-18 at a quarter of the channels, decoder
+32 channels, 128x128 crops -> 32x32 maps) and a schedule that fits two variants into about ten
+minutes on a 2-core CPU. ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O
+(ResNet-34, 256x256 -> 64x64, batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from
+72 % with 1000 warm-up steps, pose loss 0.02 x LC blended in over 2000 steps, detections at
+test time).
+
+Variants (``VARIANTS``) only change the objective: ``baseline`` (no PnP loss; the weights
+are trained by the weight-mask BCE only), ``lc`` (the LC loss), ``bpnp``, ``epropnp``, the
+Table 4 ablations ``lc_c0`` .. ``lc_c4`` and the Table 6 choices ``lc_gaussian``,
+``lc_bbox2d``, ``lc_quaternion``, ``lc_axis_angle``, ``lc_two_column``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Mapping, Optional, Tuple
+
+from lcpose.evaluate import PnPConfig
+from lcpose.train.loop import TrainConfig
+from lcpose.train.objective import ObjectiveConfig
+
+__all__ = ["ExperimentConfig", "CONFIGS", "VARIANTS", "objective_for", "get_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: training, objective constants shared by the variants, evaluation.
+
+    epochs: when set, ``train.total_steps`` is derived from the training split's size
+      (epochs x examples // batch_size) once the dataset is known.
+    pose_weight / pose_loss_start_step (None: 0.25 of the steps, at most 2000):
+      the pose-loss weight and blend (see lcpose.train.objective).
+    grad_metric_every: gradient-correctness measurement interval (steps).
+    eval_batch_size / boxes / pnp: evaluation (boxes "detections" or "gt").
+    synthetic: arguments of ``ensure_synthetic_tfds`` for the embedded dataset.
+    """
+
+    name: str
+    train: TrainConfig
+    variants: Tuple[str, ...] = ("baseline", "lc")
+    epochs: Optional[float] = None
+    pose_weight: float = 0.02
+    pose_loss_start_step: Optional[int] = 2000
+    grad_metric_every: int = 100
+    eval_batch_size: int = 32
+    boxes: str = "detections"
+    pnp: PnPConfig = PnPConfig()
+    test_split: str = "test"
+    synthetic: Tuple[Tuple[str, int], ...] = ()
+
+    def replace(self, **kw) -> "ExperimentConfig":
+        return dataclasses.replace(self, **kw)
+
+    def with_train(self, **kw) -> "ExperimentConfig":
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **kw))
+
+
+CPU = ExperimentConfig(
+    name="cpu",
+    train=TrainConfig(
+        preset="cpu", model_overrides=(("head_channels", 32),), input_size=64, output_size=16,
+        batch_size=16, total_steps=1200, learning_rate=2e-3, weight_decay=1e-4,
+        warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
+        train_split="train_pbr", worker_count=2, log_every=10, ckpt_every=400,
+        keep_checkpoints=2),
+    pose_loss_start_step=None,
+    grad_metric_every=10,
+    eval_batch_size=32,
+    boxes="detections",
+    # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)
+    pnp=PnPConfig(threshold_px=0.5),
+)
+
+PAPER = ExperimentConfig(
+    name="paper",
+    train=TrainConfig(
+        preset="paper", input_size=256, output_size=64, batch_size=32, total_steps=1,
+        learning_rate=2e-4, weight_decay=1e-4, warmup_steps=1000, warmup_factor=0.001,
+        anneal_start=0.72, seed=0, train_split="train_pbr", worker_count=8, log_every=50,
+        ckpt_every=2000, keep_checkpoints=3),
+    epochs=80,
+    pose_loss_start_step=2000,
+    grad_metric_every=50,
+    eval_batch_size=64,
+    boxes="detections",
+    pnp=PnPConfig(threshold_px=2.0),
+)
+
+CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "paper": PAPER}
+
+# Objective per variant (on top of the experiment's pose_weight / blend / grad metric).
+VARIANTS: Dict[str, Mapping] = {
+    "baseline": dict(pose_loss="none"),
+    "lc": dict(pose_loss="lc"),
+    "bpnp": dict(pose_loss="bpnp"),
+    "epropnp": dict(pose_loss="epropnp"),
+    # Table 4 ablations
+    "lc_c0": dict(pose_loss="lc", loss_kwargs={"detach_residual_cov": True}),
+    "lc_c1": dict(pose_loss="lc", loss_kwargs={"detach_weights_cov": True}),
+    "lc_c2": dict(pose_loss="lc", loss_kwargs={"use_cov": False}),
+    "lc_c3": dict(pose_loss="lc", loss_kwargs={"use_linear": False}),
+    "lc_c4": dict(pose_loss="lc", loss_kwargs={"use_prior": False}),
+    # Table 6: NLL form and pose representation
+    "lc_gaussian": dict(pose_loss="lc", loss_kwargs={"nll": "gaussian"}),
+    "lc_bbox2d": dict(pose_loss="lc", loss_kwargs={"representation": "bbox2d"}),
+    "lc_quaternion": dict(pose_loss="lc", loss_kwargs={"representation": "quaternion"}),
+    "lc_axis_angle": dict(pose_loss="lc", loss_kwargs={"representation": "axis_angle"}),
+    "lc_two_column": dict(pose_loss="lc", loss_kwargs={"representation": "two_column"}),
+}
+
+
+def get_config(name: str) -> ExperimentConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+def pose_loss_start(cfg: ExperimentConfig, total_steps: int) -> int:
+    """The step from which the pose loss is fully on (see ``ExperimentConfig``)."""
+    if cfg.pose_loss_start_step is not None:
+        return int(cfg.pose_loss_start_step)
+    return int(min(2000, max(1, round(0.25 * total_steps))))
+
+
+def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int) -> ObjectiveConfig:
+    """The ObjectiveConfig of ``variant`` in experiment ``cfg`` (a run of ``total_steps``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    spec = dict(VARIANTS[variant])
+    return ObjectiveConfig(pose_weight=cfg.pose_weight,
+                           pose_loss_start_step=pose_loss_start(cfg, total_steps),
+                           grad_metric_every=cfg.grad_metric_every if spec["pose_loss"] != "none" else 0,
+                           **spec)

@@ -1,0 +1,344 @@
+"""The training loop of GDR-Net with a PnP loss: loader -> shard -> pmapped step -> log -> Orbax.
+
+``train(tfds_dir, workdir, cfg, objective)`` trains one network on one split of an lcpose TFDS
+dataset (:func:`lcpose.data.pipeline.make_loader`) and returns the final state. One code path
+for one CPU and for all local GPUs/TPUs: the step runs under ``jax.pmap`` over
+``jax.local_devices()`` (BatchNorm statistics and gradients averaged over the device axis), the
+global batch is split evenly across them.
+
+Files in ``workdir``:
+
+* ``ckpt/<step>/``   Orbax checkpoints (every ``ckpt_every`` steps and at the end, newest
+  ``keep_checkpoints`` kept): the train state (params, Ranger + Lookahead state, BatchNorm
+  statistics, step, RNG, clipper state), the grain iterator state and the run's configuration.
+* ``config.json``    the configuration (what :func:`load_trained` rebuilds the network from).
+* ``metrics.jsonl``  one record per ``log_every`` steps; ``curves.png`` the loss curves.
+
+Resumption: ``train(..., resume=True)`` continues from the newest checkpoint with the saved
+iterator state, so a killed run reaches the same parameters as an uninterrupted one (the step
+is deterministic; tested bitwise on CPU). A run with ``resume=False`` deletes ``ckpt/`` first.
+The configuration saved with a checkpoint must match the one resumed with (apart from
+logging/checkpoint intervals), otherwise ``ValueError`` names the differing fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, List, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcpose.train.checkpoint import Checkpointer
+from lcpose.train.objective import ObjectiveConfig, make_objective, uses_scale_branch
+from lcpose.train.optim import flat_cosine_schedule, ranger
+from lcpose.train.progress import ProgressLogger
+from lcpose.train.state import TrainState
+from lcpose.train.step import AXIS_NAME, make_train_step, replicate, shard_batch, unreplicate
+
+__all__ = ["TrainConfig", "TrainResult", "train", "build_model", "load_trained", "config_from_meta",
+           "TRAIN_KEYS", "CURVE_KEYS"]
+
+# Batch keys the objective reads (the rest of the loader's output stays on the host).
+TRAIN_KEYS = ("image", "xyz", "mask_visib", "K_out", "R", "t", "bbox3d")
+# Metrics drawn in curves.png (those present).
+CURVE_KEYS = ("loss", "loss/xyz", "loss/mask", "loss/pose", "loss/weight_bce", "grad_correct",
+              "lc/e_cov", "lc/e_prior", "lc/e_linear", "log_scale", "grad_norm", "lr")
+CONFIG_FILE = "config.json"   # the run's configuration (also saved with every checkpoint)
+# Fields that may change between a run and its resumption.
+_RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything but the objective that determines a training run (hashable).
+
+    preset / model_overrides: the network (``lcpose.models.PRESETS`` name, GDRNet attribute
+      overrides as (name, value) pairs). ``scale_branch`` follows the objective
+      (:func:`~lcpose.train.objective.uses_scale_branch`) unless overridden here.
+    input_size / output_size: crop and map sizes (must match the preset's stride: out = in / 4).
+    batch_size: global batch (split across local devices; divisible by their number).
+    total_steps: optimiser updates. learning_rate, weight_decay: Ranger's (2e-4, 1e-4).
+    warmup_steps / warmup_factor / anneal_start: the flat-cosine schedule (1000 / 0.001 / 0.72).
+    clip_weight_logits: the LC recipe's running-norm clipper on the weight-logit gradient.
+    seed: initialisation, data order/augmentation and the per-step RNG.
+    train_split / obj_ids: what to train on (None: all objects of the dataset).
+    worker_count: grain worker processes (0: in-process); part of the data order.
+    pretrained: folder of converted ImageNet encoder weights (``data_prep.convert_resnet``).
+    log_every / ckpt_every / keep_checkpoints: logging and Orbax intervals.
+    """
+
+    preset: str = "cpu"
+    model_overrides: Any = ()
+    input_size: int = 128
+    output_size: int = 32
+    batch_size: int = 16
+    total_steps: int = 1000
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    warmup_factor: float = 0.001
+    anneal_start: float = 0.72
+    clip_weight_logits: bool = True
+    seed: int = 0
+    train_split: str = "train_pbr"
+    obj_ids: Optional[Sequence[int]] = None
+    worker_count: int = 2
+    pretrained: Optional[str] = None
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        ov = self.model_overrides
+        ov = sorted(ov.items()) if isinstance(ov, dict) else [tuple(p) for p in ov]
+        # lists (e.g. from JSON) become tuples: the config is a compilation-cache key
+        ov = tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in ov)
+        object.__setattr__(self, "model_overrides", ov)
+        if self.obj_ids is not None:
+            object.__setattr__(self, "obj_ids", tuple(int(o) for o in self.obj_ids))
+        for name in ("batch_size", "total_steps", "log_every", "ckpt_every", "keep_checkpoints",
+                     "input_size", "output_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_size % 32:
+            raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
+        if self.warmup_steps < 0 or self.worker_count < 0:
+            raise ValueError("warmup_steps and worker_count must be >= 0")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model_overrides"] = [[k, list(v) if isinstance(v, tuple) else v]
+                                for k, v in self.model_overrides]
+        d["obj_ids"] = None if self.obj_ids is None else list(self.obj_ids)
+        return d
+
+
+class TrainResult(NamedTuple):
+    state: TrainState          # host (unreplicated) final state; eval with eval_params(state)
+    model: Any                 # the GDRNet trained (axis_name=None: apply it with jit)
+    steps: int                 # optimiser steps done in all (incl. resumed ones)
+    train_seconds: float       # wall time of this session's loop (incl. the step's compilation)
+    compile_seconds: float     # wall time of the first step of this session (mostly compilation)
+    history: List[dict]        # logged metric records (incl. those before a resume)
+    workdir: str
+
+
+def build_model(cfg: TrainConfig, objective: ObjectiveConfig, axis_name: Optional[str] = None):
+    """The GDRNet of a run (``axis_name=AXIS_NAME`` for the pmapped train step)."""
+    from lcpose.models import PRESETS, gdrnet_from_preset, output_size
+
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("scale_branch", uses_scale_branch(objective))
+    model = gdrnet_from_preset(cfg.preset, axis_name=axis_name, **overrides)
+    out = output_size(cfg.input_size, model.head_stages)
+    if out != cfg.output_size:
+        raise ValueError(f"output_size={cfg.output_size} does not match the network: input "
+                         f"{cfg.input_size} gives {out}x{out} maps (preset {cfg.preset!r})")
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}")
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_step(model, objective: ObjectiveConfig, cfg_key: tuple):
+    """(tx, schedule, pmapped step) for a configuration; cached so repeated runs in one process
+    (tests, several variants with equal settings) compile once."""
+    tx, sched = _make_tx(cfg_key)
+    clip = cfg_key[-1]
+    step = make_train_step(model, make_objective(objective), tx, AXIS_NAME,
+                           output_clip={"weight_logits": {}} if clip else None,
+                           learning_rate_fn=sched)
+    return tx, sched, jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))
+
+
+def _make_tx(cfg_key: tuple):
+    (lr, wd, total, warmup, wf, anneal, _) = cfg_key
+    sched = flat_cosine_schedule(lr, total, anneal_start=anneal, warmup_steps=warmup,
+                                 warmup_factor=wf)
+    return ranger(sched, weight_decay=wd), sched
+
+
+def _step_key(cfg: TrainConfig) -> tuple:
+    return (float(cfg.learning_rate), float(cfg.weight_decay), int(cfg.total_steps),
+            int(cfg.warmup_steps), float(cfg.warmup_factor), float(cfg.anneal_start),
+            bool(cfg.clip_weight_logits))
+
+
+def _meta(cfg: TrainConfig, objective: ObjectiveConfig, tfds_dir: str, extra: Optional[dict]) -> dict:
+    obj = dataclasses.asdict(objective)
+    obj["loss_kwargs"] = [list(p) for p in objective.loss_kwargs]
+    return {"train": cfg.to_json(), "objective": obj, "dataset": os.path.abspath(tfds_dir),
+            **(extra or {})}
+
+
+def _check_resumable(saved: Optional[dict], now: dict, path: str):
+    if not saved:
+        return
+    diffs = []
+    for section in ("train", "objective"):
+        a, b = saved.get(section, {}), now[section]
+        for k in sorted(set(a) | set(b)):
+            if k in _RESUMABLE_CHANGES:
+                continue
+            if json.loads(json.dumps(a.get(k))) != json.loads(json.dumps(b.get(k))):
+                diffs.append(f"{section}.{k}: saved {a.get(k)!r}, now {b.get(k)!r}")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the configuration differs ("
+                         + "; ".join(diffs) + "); use another workdir or resume=False")
+
+
+def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
+          resume: bool = False, max_steps: Optional[int] = None, progress: bool = True,
+          desc: str = "train", meta: Optional[dict] = None) -> TrainResult:
+    """Train GDR-Net on ``cfg.train_split`` of ``tfds_dir``; see the module docstring.
+
+    Args:
+      tfds_dir: an lcpose TFDS dataset (``ensure_synthetic_tfds()`` or ``build_tfds``).
+      workdir: folder of this run (checkpoints, metrics, curves).
+      cfg, objective: the run.
+      resume: continue from the newest checkpoint in ``workdir/ckpt`` (if any).
+      max_steps: stop this session after that many steps without the final save (used to
+        simulate a killed run); the result is then the state at that point.
+      progress: show a tqdm bar. desc: its label. meta: extra JSON saved with checkpoints.
+    """
+    from lcpose.data.pipeline import make_loader
+    from lcpose.models import init_variables, load_encoder_weights, merge_encoder_weights
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    n_dev = jax.local_device_count()
+    n_proc = jax.process_count()
+    if cfg.batch_size % (n_dev * n_proc):
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the "
+                         f"{n_dev * n_proc} devices")
+    model = build_model(cfg, objective, axis_name=AXIS_NAME)
+    loader = make_loader(tfds_dir, cfg.train_split, cfg.batch_size // n_proc, train=True,
+                         seed=cfg.seed, shard=(jax.process_index(), n_proc),
+                         worker_count=cfg.worker_count, obj_ids=cfg.obj_ids,
+                         input_size=cfg.input_size, output_size=cfg.output_size)
+    tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
+
+    variables = init_variables(model, cfg.seed, cfg.input_size)
+    if cfg.pretrained:
+        variables = merge_encoder_weights(variables, load_encoder_weights(cfg.pretrained))
+    state = TrainState.create(params=variables["params"], batch_stats=variables["batch_stats"],
+                              tx=tx, rng=jax.random.PRNGKey(cfg.seed),
+                              clip_names=["weight_logits"] if cfg.clip_weight_logits else [])
+    state = replicate(state)
+    run_meta = _meta(cfg, objective, tfds_dir, meta)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        json.dump(run_meta, f, indent=1)
+
+    ckpt_dir = os.path.join(workdir, "ckpt")
+    if not resume and os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+    ckpt = Checkpointer(ckpt_dir, save_interval_steps=cfg.ckpt_every,
+                        max_to_keep=cfg.keep_checkpoints)
+    it = iter(loader)
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        restored = ckpt.restore(state, replicated=True)
+        _check_resumable(restored.meta, run_meta, os.path.join(ckpt_dir, str(restored.step)))
+        state, start = restored.state, restored.step
+        if restored.data_state is not None:
+            it.set_state(restored.data_state)
+    end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + int(max_steps))
+
+    log = ProgressLogger(cfg.total_steps, workdir, initial_step=start, desc=desc,
+                         disable=not progress,
+                         postfix_keys=["loss", "loss/xyz", "loss/pose", "grad_correct"])
+    t0 = time.perf_counter()
+    compile_seconds = 0.0
+    try:
+        for s in range(start, end):
+            batch = next(it)
+            batch = shard_batch({k: batch[k] for k in TRAIN_KEYS}, n_dev)
+            state, metrics = p_step(state, batch)
+            if s == start:
+                jax.block_until_ready(metrics)
+                compile_seconds = time.perf_counter() - t0
+            if (s + 1) % cfg.log_every == 0 or s + 1 == end:
+                rec = log.log(s + 1, unreplicate(metrics))
+                if not math.isfinite(rec.get("loss", 0.0)):
+                    raise FloatingPointError(
+                        f"training loss is not finite at step {s + 1} (metrics {rec}); "
+                        f"the newest checkpoint is step {ckpt.latest_step()} in {ckpt_dir}")
+            ckpt.save(s + 1, state, data_state=it.get_state(), meta=run_meta, replicated=True)
+        if max_steps is None:
+            ckpt.save(end, state, data_state=it.get_state(), meta=run_meta, replicated=True,
+                      force=True)
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - t0
+    finally:
+        ckpt.close()
+        log.close()
+    if log.history:
+        keys = [k for k in CURVE_KEYS if any(k in r for r in log.history)]
+        log.plot(os.path.join(workdir, "curves.png"), keys=keys, title=desc,
+                 smooth=5 if len(log.history) > 20 else 0)
+    host_state = jax.device_get(unreplicate(state))
+    eval_model = model.clone(axis_name=None)
+    return TrainResult(state=host_state, model=eval_model, steps=end, train_seconds=seconds,
+                       compile_seconds=compile_seconds, history=list(log.history), workdir=workdir)
+
+
+def config_from_meta(meta: dict):
+    """(TrainConfig, ObjectiveConfig) from the ``meta`` saved with a checkpoint of :func:`train`."""
+    if not meta or "train" not in meta or "objective" not in meta:
+        raise ValueError("checkpoint metadata lacks the 'train'/'objective' configuration "
+                         "(not written by lcpose.train.loop.train?)")
+    tr = dict(meta["train"])
+    tr["model_overrides"] = tuple(tuple(p) for p in tr.get("model_overrides") or ())
+    obj = dict(meta["objective"])
+    obj["loss_kwargs"] = tuple(tuple(p) for p in obj.get("loss_kwargs") or ())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return (TrainConfig(**{k: v for k, v in tr.items() if k in names}),
+            ObjectiveConfig(**obj))
+
+
+def load_trained(run_dir, step: Optional[int] = None):
+    """Restore a run of :func:`train` for inference: ``(model, variables, meta)``.
+
+    ``run_dir`` is the ``workdir`` given to :func:`train` (with ``ckpt/``); ``step`` defaults
+    to the newest checkpoint. ``variables`` = ``{"params": Lookahead slow weights,
+    "batch_stats": ...}`` as host arrays; ``model`` is the GDRNet with ``axis_name=None``.
+    """
+    from lcpose.models import init_variables
+    from lcpose.train.state import eval_params
+
+    ckpt_dir = os.path.join(os.fspath(run_dir), "ckpt")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints folder: {ckpt_dir}")
+    with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        step = ckpt.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        meta = _read_json(os.path.join(os.fspath(run_dir), CONFIG_FILE))
+        cfg, objective = config_from_meta(meta)
+        model = build_model(cfg, objective)
+        variables = jax.eval_shape(lambda: init_variables(model, cfg.seed, cfg.input_size))
+        tx, _ = _make_tx(_step_key(cfg))
+        target = jax.eval_shape(lambda v: TrainState.create(
+            params=v["params"], batch_stats=v["batch_stats"], tx=tx, rng=jax.random.PRNGKey(0),
+            clip_names=["weight_logits"] if cfg.clip_weight_logits else []), variables)
+        restored = ckpt.restore(target, step)
+    state = jax.device_get(restored.state)
+    return model, {"params": eval_params(state), "batch_stats": state.batch_stats}, restored.meta
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"run configuration not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
