@@ -114,6 +114,8 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "jax": jax.__version__,
+        # Shared CI machines: a 1-minute load average above cpu_count inflates every figure.
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         "batch": B,
         "points": N,
         "dtype": args.dtype,
