@@ -134,12 +134,22 @@ def box_scenes(
     pixel's ray hits first (ray casting, so the 2D-3D pairs are exact). `n_points` of the hit
     pixels are drawn at random (static N for jit).
     """
+    grid_points = len(range(0, out_size, stride)) ** 2
+    if not 4 <= n_points <= grid_points // 2:
+        raise ValueError(
+            f"n_points must be in [4, {grid_points // 2}] (half the {out_size}/{stride} grid: the object covers at "
+            f"most about that much of its crop), got {n_points}"
+        )
     rng = np.random.default_rng(seed)
     half = np.asarray(half_extent, np.float64)
     bbox3d = np.asarray(geometry.bbox3d_corners(jnp.asarray(-half), jnp.asarray(half)), np.float64)
     out = {k: [] for k in ("x2d", "x3d", "R", "t", "K")}
     K = np.asarray(K, np.float64)
+    attempts = 0
     while len(out["R"]) < batch:
+        attempts += 1
+        if attempts > 100 * batch:
+            raise ValueError(f"n_points={n_points}: too few grid pixels hit the object in {attempts} random poses")
         R = _random_rotation(rng)
         z = rng.uniform(*z_range)
         t = np.array([rng.uniform(-0.2, 0.2) * z, rng.uniform(-0.15, 0.15) * z, z])
