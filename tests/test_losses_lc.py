@@ -187,6 +187,18 @@ def test_bbox2d_prior_is_the_projected_prior_covariance():
     np.testing.assert_allclose(terms.e_prior, jnp.mean(jnp.sqrt(var)), rtol=1e-9)
 
 
+def test_exact_correspondences_give_a_finite_loss():
+    """Zero residuals everywhere: no covariance, no error, the prior from the raw weights."""
+    x2d, x3d, w, R, t = _instance(9, noise=0.0, outlier=False)
+    terms = lc_loss(x2d, x3d, w, K, R, t, BBOX)
+    assert np.isfinite(float(terms.loss))
+    assert float(terms.e_cov) < 1e-6 and float(terms.e_linear) < 1e-6
+    exact = x2d.at[:].set(geometry.project(x3d, R, t, K))  # residuals exactly zero
+    terms = lc_loss(exact, x3d, w, K, R, t, BBOX)
+    np.testing.assert_allclose(terms.e_prior, lc_loss(exact, x3d, w, K, R, t, BBOX, robust=False).e_prior, rtol=1e-9)
+    assert np.all(np.isfinite(np.asarray(jax.grad(lambda ww: lc_loss(x2d, x3d, ww, K, R, t, BBOX).loss)(w))))
+
+
 def test_bad_input_errors_name_the_argument():
     x2d, x3d, w, R, t = _instance(8)
     with pytest.raises(ValueError, match="bbox3d"):

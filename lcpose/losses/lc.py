@@ -78,7 +78,9 @@ def robust_weights(r, w2d, valid, robust: bool = True):
     m = sg(_masked_mean(a, valid))
     M = huber2(a, 3.0 * m)
     m_w = _masked_mean(sg(w2d * w2d * M), valid)
-    d_w = sg(jnp.sqrt(4.0 * m_w / (M + 1e-6)))
+    # With no residual at all on an axis (m_w = 0) nothing limits the weights: W = w^2 there
+    # (the formula would give d_w = 0, W = 0 and a singular Hessian).
+    d_w = sg(jnp.where(m_w > 0, jnp.sqrt(4.0 * m_w / (M + 1e-6)), jnp.inf))
     W = huber2(w2d, d_w)
     return r_c, M, W
 

@@ -72,8 +72,11 @@ def _irls_weights(e, huber):
     """rho'(s) / s: 1 inside the Huber threshold, huber / s outside."""
     if huber is None:
         return jnp.ones(e.shape[:-1], e.dtype)
-    s = jnp.sqrt(jnp.sum(e * e, axis=-1))
-    return jnp.where(s <= huber, 1.0, huber / jnp.maximum(s, jnp.finfo(e.dtype).tiny))
+    s2 = jnp.sum(e * e, axis=-1)
+    inside = s2 <= huber * huber
+    # double where: no sqrt at 0 (its gradient would be NaN for a point with zero residual)
+    s = jnp.sqrt(jnp.where(inside, jnp.ones_like(s2), s2))
+    return jnp.where(inside, 1.0, huber / s)
 
 
 def pnp_cost(R, t, x3d, x2d, w2, K, huber=None):
