@@ -228,11 +228,9 @@ def _plot_losses(curves, path):
     keys = ["loss", "loss/xyz", "loss/mask", "loss/pose", "grad_correct"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, key in zip(axes, keys):
-        for variant, hist in curves.items():
+        for i, (variant, hist) in enumerate(curves.items()):
             pts = [(r["step"], r[key]) for r in hist if key in r and np.isfinite(r[key])]
-            if pts:
-                s, v = zip(*pts)
-                ax.plot(s, v, label=variant, lw=1)
+            ax.plot(*(zip(*pts) if pts else ([], [])), label=variant, lw=1, color=f"C{i}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)

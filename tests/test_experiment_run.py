@@ -26,9 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = TrainConfig(
     preset="cpu", model_overrides={"encoder_widths": (8, 8, 16, 16), "head_channels": 8},
-    input_size=64, output_size=16, batch_size=4, total_steps=6, learning_rate=1e-3,
-    warmup_steps=2, seed=0, worker_count=0, log_every=1, ckpt_every=3, keep_checkpoints=3)
-LC = ObjectiveConfig(pose_loss="lc", pose_loss_start_step=2, grad_metric_every=1)
+    input_size=64, output_size=16, batch_size=4, total_steps=12, learning_rate=3e-3,
+    warmup_steps=1, seed=0, worker_count=0, log_every=1, ckpt_every=6, keep_checkpoints=3)
+# gradient correctness is tested in test_experiment_objective (it doubles the step's compile)
+LC = ObjectiveConfig(pose_loss="lc", pose_loss_start_step=4)
 PNP = E.PnPConfig(threshold_px=0.5, hypotheses=32)
 
 
@@ -51,28 +52,28 @@ def _leaves(tree):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tiny_tfds, full_run, tmp_path):
-    """A run stopped after the step-3 checkpoint and resumed reaches the uninterrupted run's
+    """A run stopped after the step-6 checkpoint and resumed reaches the uninterrupted run's
     state bitwise: params, Ranger/Lookahead state, BatchNorm stats, clipper, RNG and the data
     order (grain iterator state restored from the checkpoint)."""
-    stopped = train(tiny_tfds, tmp_path, TINY, LC, max_steps=3, progress=False)
-    assert stopped.steps == 3
-    assert max(int(d) for d in os.listdir(tmp_path / "ckpt") if d.isdigit()) == 3
+    stopped = train(tiny_tfds, tmp_path, TINY, LC, max_steps=6, progress=False)
+    assert stopped.steps == 6
+    assert max(int(d) for d in os.listdir(tmp_path / "ckpt") if d.isdigit()) == 6
     resumed = train(tiny_tfds, tmp_path, TINY, LC, resume=True, progress=False)
-    assert resumed.steps == 6
+    assert resumed.steps == 12
     a, b = full_run.state, resumed.state
-    assert int(a.step) == int(b.step) == 6
+    assert int(a.step) == int(b.step) == 12
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_array_equal(x, y)
-    # the logged history of the resumed run is the uninterrupted one (steps 1..6)
-    assert [r["step"] for r in resumed.history] == list(range(1, 7))
+    # the logged history of the resumed run is the uninterrupted one (steps 1..12)
+    assert [r["step"] for r in resumed.history] == list(range(1, 13))
     for ra, rb in zip(full_run.history, resumed.history):
         assert ra.keys() == rb.keys()
         np.testing.assert_array_equal([ra[k] for k in sorted(ra)], [rb[k] for k in sorted(rb)])
     with open(tmp_path / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f] == list(range(1, 7))
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 13))
     assert os.path.isfile(tmp_path / "curves.png")
-    # the LC objective ran: finite losses, gradient correctness measured on every step
-    assert all(np.isfinite(r["loss/pose"]) and 0.0 <= r["grad_correct"] <= 1.0 for r in resumed.history)
+    # the LC objective ran (finite) and its weight-logit gradient went through the clipper
+    assert all(np.isfinite(r["loss/pose"]) for r in resumed.history)
     assert all(r["clip/weight_logits_norm"] > 0 for r in resumed.history)
     # resuming with another configuration is refused, naming the field
     with pytest.raises(ValueError, match="learning_rate"):
@@ -125,16 +126,12 @@ def test_load_trained_and_export_round_trip(tiny_tfds, full_run, tmp_path):
 
 
 def test_training_reduces_loss_and_evaluation_pipeline(tiny_tfds, full_run, tmp_path):
-    """Loss goes down over a short run (the same 4 batches repeated: the network fits them),
-    and evaluation with a ground-truth oracle in place of the network scores ~100 % ADD(-S):
+    """The loss goes down over the short LC run, and evaluation with a ground-truth oracle in place of the network scores ~100 % ADD(-S):
     crops, K_out, top-weight selection, RANSAC + weighted PnP, the metrics and the BOP CSV
     agree with each other. (A network trained from scratch within a test's budget is at chance
     level on held-out poses; see experiment_BUILD.md for what the CPU experiment reaches.)"""
-    cfg = TrainConfig(**{**TINY.__dict__, "total_steps": 40, "ckpt_every": 40, "log_every": 5,
-                         "learning_rate": 3e-3, "warmup_steps": 1})
-    res = train(tiny_tfds, tmp_path / "fit", cfg, ObjectiveConfig(pose_loss="none"), progress=False)
-    losses = [r["loss"] for r in res.history]
-    assert losses[-1] < 0.8 * losses[0], losses
+    base = [r["loss/xyz"] + 0.25 * r["loss/mask"] for r in full_run.history]
+    assert np.mean(base[-4:]) < 0.95 * np.mean(base[:4]), base
 
     loader = make_loader(tiny_tfds, "test", 4, train=False, worker_count=0, boxes="gt",
                          input_size=64, output_size=16)
@@ -178,50 +175,3 @@ def test_training_reduces_loss_and_evaluation_pipeline(tiny_tfds, full_run, tmp_
     R = np.array(first[4].split(), float).reshape(3, 3)
     np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-5)
     assert len(lines) - 1 == int(np.sum(out["has_box"] > 0))
-
-
-def test_objective_under_pmap_two_devices_equals_one(tmp_path):
-    """The real objective (GDRNet with cross-device BatchNorm + LC + clipper) on 2 simulated
-    devices equals one device on the same global batch (stride 1: no random grid offset)."""
-    script = textwrap.dedent("""
-        import numpy as np, jax
-        from lcpose import train as T
-        from lcpose.models import gdrnet_from_preset, init_variables
-        from lcpose.train.objective import ObjectiveConfig, make_objective
-        assert jax.local_device_count() == 2
-        obj = ObjectiveConfig(pose_loss="lc", stride=1, pose_loss_start_step=0)
-        model = gdrnet_from_preset("cpu", encoder_widths=(8, 8, 16, 16), head_channels=8, axis_name="batch")
-        v = init_variables(model, 0, 64)
-        tx = T.ranger(1e-3)
-        step = T.make_train_step(model, make_objective(obj), tx, "batch", output_clip={"weight_logits": {}})
-        rng = np.random.default_rng(0)
-        lo, hi = np.array([-30., -20, -25]), np.array([30., 20, 25])
-        from lcpose.geometry import bbox3d_corners
-        B = 4
-        mask = (rng.random((B, 16, 16)) > 0.5).astype(np.float32)
-        batch = {"image": rng.random((B, 64, 64, 3), dtype=np.float32),
-                 "xyz": (rng.uniform(lo, hi, (B, 16, 16, 3)) * mask[..., None]).astype(np.float32),
-                 "mask_visib": mask,
-                 "K_out": np.tile(np.float32([[60, 0, 7.5], [0, 60, 7.5], [0, 0, 1]]), (B, 1, 1)),
-                 "R": np.tile(np.eye(3, dtype=np.float32), (B, 1, 1)),
-                 "t": np.tile(np.float32([0, 0, 600]), (B, 1)),
-                 "bbox3d": np.tile(np.asarray(bbox3d_corners(lo, hi), np.float32), (B, 1, 1))}
-        outs = []
-        for devs in (jax.local_devices(), jax.local_devices()[:1]):
-            st = T.TrainState.create(params=v["params"], batch_stats=v["batch_stats"], tx=tx, rng=0,
-                                     clip_names=["weight_logits"])
-            p = jax.pmap(step, axis_name="batch", devices=devs)
-            st, m = p(T.replicate(st, devs), T.shard_batch(batch, len(devs)))
-            outs.append((T.unreplicate(st), T.unreplicate(m)))
-        (a, ma), (b, mb) = outs
-        for x, y in zip(jax.tree.leaves((a.params, a.batch_stats)), jax.tree.leaves((b.params, b.batch_stats))):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
-        for k in ("loss", "loss/pose", "loss/xyz", "clip/weight_logits_norm"):
-            np.testing.assert_allclose(float(ma[k]), float(mb[k]), rtol=1e-5)
-        print("OK", float(ma["loss/pose"]))
-    """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
