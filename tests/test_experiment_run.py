@@ -129,7 +129,7 @@ def test_training_reduces_loss_and_evaluation_pipeline(tiny_tfds, full_run, tmp_
     """The loss goes down over the short LC run, and evaluation with a ground-truth oracle in place of the network scores ~100 % ADD(-S):
     crops, K_out, top-weight selection, RANSAC + weighted PnP, the metrics and the BOP CSV
     agree with each other. (A network trained from scratch within a test's budget is at chance
-    level on held-out poses; see experiment_BUILD.md for what the CPU experiment reaches.)"""
+    level on held-out poses.)"""
     base = [r["loss/xyz"] + 0.25 * r["loss/mask"] for r in full_run.history]
     assert np.mean(base[-4:]) < 0.95 * np.mean(base[:4]), base
 

@@ -226,16 +226,15 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
                          input_size=cfg.input_size, output_size=cfg.output_size)
     tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
 
-    variables = init_variables(model, cfg.seed, cfg.input_size)
-    if cfg.pretrained:
-        variables = merge_encoder_weights(variables, load_encoder_weights(cfg.pretrained))
-    state = TrainState.create(params=variables["params"], batch_stats=variables["batch_stats"],
-                              tx=tx, rng=jax.random.PRNGKey(cfg.seed),
-                              clip_names=["weight_logits"] if cfg.clip_weight_logits else [])
-    state = replicate(state)
     run_meta = _meta(cfg, objective, tfds_dir, meta)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump(run_meta, f, indent=1)
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if resume and os.path.isfile(config_path):
+        _check_resumable(_read_json(config_path), run_meta, config_path)
+
+    def make_state(variables):
+        return TrainState.create(params=variables["params"], batch_stats=variables["batch_stats"],
+                                 tx=tx, rng=jax.random.PRNGKey(cfg.seed),
+                                 clip_names=["weight_logits"] if cfg.clip_weight_logits else [])
 
     ckpt_dir = os.path.join(workdir, "ckpt")
     if not resume and os.path.isdir(ckpt_dir):
@@ -245,11 +244,21 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     it = iter(loader)
     start = 0
     if resume and ckpt.latest_step() is not None:
-        restored = ckpt.restore(state, replicated=True)
+        # only the structure is needed: no initialisation is run
+        abstract = jax.eval_shape(lambda: make_state(init_variables(model, cfg.seed, cfg.input_size)))
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n_dev,) + x.shape, x.dtype), abstract)
+        restored = ckpt.restore(target, replicated=True)
         _check_resumable(restored.meta, run_meta, os.path.join(ckpt_dir, str(restored.step)))
         state, start = restored.state, restored.step
         if restored.data_state is not None:
             it.set_state(restored.data_state)
+    else:
+        variables = init_variables(model, cfg.seed, cfg.input_size)
+        if cfg.pretrained:
+            variables = merge_encoder_weights(variables, load_encoder_weights(cfg.pretrained))
+        state = replicate(make_state(variables))
+    with open(config_path, "w") as f:
+        json.dump(run_meta, f, indent=1)
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + int(max_steps))
 
     log = ProgressLogger(cfg.total_steps, workdir, initial_step=start, desc=desc,
