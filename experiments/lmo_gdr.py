@@ -116,7 +116,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from experiments.config import objective_for
     from lcpose import evaluate as E
     from lcpose.data.pipeline import make_loader, resolve_dataset_dir
-    from lcpose.train import eval_params, plot_curves
+    from lcpose.train import eval_params
     from lcpose.train.loop import train
 
     t_start = time.perf_counter()

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -274,8 +274,8 @@ def format_table(summaries: Mapping[str, dict], *, title: str = "ADD(-S) 0.1d [%
                  use_rich: Optional[bool] = None) -> str:
     """A table with one row per object and one column per variant (``{variant: summarize(...)}``).
 
-    Rows: the objects' ADD(-S) 0.1d (``*`` marks symmetric objects is left to the caller),
-    their mean, AUC of ADD(-S), AR_MSPD and the RANSAC-only ADD(-S) mean when available.
+    Rows: each object's ADD(-S) 0.1d, their mean, the AUC of ADD(-S) to 10 cm, AR_MSPD and
+    the RANSAC-only ADD(-S) mean (when available).
     Rendered with rich when installed (``use_rich``), plain text otherwise.
     """
     names = list(summaries)

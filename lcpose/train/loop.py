@@ -28,13 +28,10 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from typing import Any, List, NamedTuple, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from lcpose.train.checkpoint import Checkpointer
 from lcpose.train.objective import ObjectiveConfig, make_objective, uses_scale_branch
