@@ -27,13 +27,16 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=synthetic.LMO_SIZE[0], help="image width (default LM-O's 640)")
     p.add_argument("--height", type=int, default=synthetic.LMO_SIZE[1], help="image height (default LM-O's 480)")
     p.add_argument("--images-per-scene", type=int, default=100)
+    p.add_argument("--views", choices=synthetic.VIEWS, default=synthetic.DEFAULTS["views"],
+                   help="object orientations: tabletop (LM-O-like, default) or uniform on SO(3)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, at most 8)")
     a = p.parse_args(argv)
     t0 = time.time()
     try:
         out = synthetic.generate_synthetic_bop(
             a.out, objects=a.objects, train_images=a.train_images, test_images=a.test_images, seed=a.seed,
-            width=a.width, height=a.height, images_per_scene=a.images_per_scene, workers=a.workers,
+            width=a.width, height=a.height, images_per_scene=a.images_per_scene, views=a.views,
+            workers=a.workers,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -242,5 +242,14 @@ def _plot_losses(curves, path):
     plt.close(fig)
 
 
-if __name__ == "__main__":
+def main():
+    import signal
+
+    # SIGTERM (e.g. a job scheduler) exits like Ctrl-C: finally-blocks close the checkpointer
+    # and multiprocessing's exit handlers stop the grain workers instead of orphaning them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     run()
+
+
+if __name__ == "__main__":
+    main()

@@ -114,6 +114,27 @@ def test_synthetic_set_is_valid_bop(data):
     assert np.all(depth[~(depth > 0)] == 0) and np.all(depth[visib_all] > 0)
 
 
+def test_synthetic_views_are_tabletop_by_default(data):
+    # Objects stand on a table seen from 15-75 deg above it: the model z axis points towards
+    # the camera by sin(elevation) (camera roll does not change that component).
+    root = data[0]
+    cfg = json.load(open(os.path.join(root, "synthetic_config.json")))
+    assert cfg["views"] == "tabletop"
+    zs = []
+    for split in ("train_pbr", "test"):
+        for scene in sorted(os.listdir(os.path.join(root, split))):
+            for gts in json.load(open(os.path.join(root, split, scene, "scene_gt.json"))).values():
+                for gt in gts:
+                    R = np.asarray(gt["cam_R_m2c"], np.float64).reshape(3, 3)
+                    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-6)
+                    assert np.linalg.det(R) > 0
+                    zs.append(R[2, 2])
+    assert len(zs) > 5
+    assert np.all((np.asarray(zs) < -np.sin(np.deg2rad(15)) + 1e-6) & (np.asarray(zs) > -np.sin(np.deg2rad(75)) - 1e-6))
+    with pytest.raises(ValueError, match="views"):
+        synthetic.generate_synthetic_bop(os.path.join(root, "..", "never"), views="upright")
+
+
 def test_synthetic_generation_is_deterministic(data, tmp_path):
     root = data[0]
     again = synthetic.generate_synthetic_bop(tmp_path / "again", objects=3, train_images=1, test_images=0, seed=5,

@@ -14,7 +14,7 @@ What is generated (``generate_synthetic_bop``), for a seed:
   (``symmetries_discrete``); object 3 is a cylinder with a texture depending only on height
   and radius (``symmetries_continuous`` about z). Sizes are LM-like (diameter 70-220 mm).
 * ``train_pbr/`` and ``test/`` scenes: several objects per image (each at most once per image,
-  as in LM-O), random poses with mutual occlusion, Lambertian shading with a random light,
+  as in LM-O), random poses (objects standing on a table seen from above, as in LM-O, by default) with mutual occlusion, Lambertian shading with a random light,
   procedural backgrounds, camera noise and blur. Per scene: ``rgb/*.jpg`` (train_pbr, as BOP's PBR images) or ``rgb/*.png`` (test), ``depth/*.png``
   (uint16, ``depth_scale`` 0.1 mm), ``mask/`` and ``mask_visib/`` (``{im:06d}_{gt:06d}.png``),
   ``scene_gt.json``, ``scene_gt_info.json`` (computed as bop_toolkit's calc_gt_info does,
@@ -67,7 +67,8 @@ DETECTIONS_FILE = "detections_test.json"
 _FORMAT_VERSION = 1
 
 # The embedded default of the experiments.
-DEFAULTS = dict(objects=8, train_images=400, test_images=50, seed=0)
+DEFAULTS = dict(objects=8, train_images=400, test_images=50, seed=0, views="tabletop")
+VIEWS = ("tabletop", "uniform")
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,8 +372,30 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def _sample_poses(rng, models, obj_idx, K, width, height, clustered):
-    """Object poses in front of the camera, bounding spheres (nearly) disjoint."""
+def _rot_axis(axis: int, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    R = np.eye(3)
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def _tabletop_rotation(rng: np.random.Generator) -> np.ndarray:
+    """Object-to-camera rotation of an object standing on a table (its z axis the table's
+    normal), seen from the upper hemisphere as in LM / LM-O: any azimuth, elevation 15-75 deg
+    above the table, camera roll within +-25 deg."""
+    azimuth = rng.uniform(0.0, 2.0 * np.pi)
+    elevation = np.deg2rad(rng.uniform(15.0, 75.0))
+    roll = np.deg2rad(rng.uniform(-25.0, 25.0))
+    # Rx(90 deg + elevation) turns the object's z axis to (0, -cos el, -sin el): up in the image
+    # and towards the camera.
+    return _rot_axis(2, roll) @ _rot_axis(0, 0.5 * np.pi + elevation) @ _rot_axis(2, azimuth)
+
+
+def _sample_poses(rng, models, obj_idx, K, width, height, clustered, views="tabletop"):
+    """Object poses in front of the camera, bounding spheres (nearly) disjoint; orientations
+    from `_tabletop_rotation` (views="tabletop") or uniform on SO(3) ("uniform")."""
+    rotation = _tabletop_rotation if views == "tabletop" else _random_rotation
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
     z0 = rng.uniform(650.0, 1000.0)
     if clustered:  # LM-O-like: objects gathered around one point, much occlusion
@@ -395,7 +418,7 @@ def _sample_poses(rng, models, obj_idx, K, width, height, clustered):
             c = np.array([(u - cx) * z / fx, (v - cy) * z / fy, z])
             if all(np.linalg.norm(c - c2) > 0.8 * (r + r2) for c2, r2 in placed):
                 placed.append((c, r))
-                poses.append((_random_rotation(rng), c))
+                poses.append((rotation(rng), c))
                 kept.append(i)
                 break
     return kept, poses
@@ -425,8 +448,8 @@ def _jpg(path: str, img: np.ndarray) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(models, K, width, height, out):
-    _WORKER.update(models=models, K=K, width=width, height=height, out=out)
+def _worker_init(models, K, width, height, out, views="tabletop"):
+    _WORKER.update(models=models, K=K, width=width, height=height, out=out, views=views)
 
 
 def _render_image(task):
@@ -441,7 +464,7 @@ def _render_image(task):
     k_min = min(n, 4 if test else 3)
     k = int(rng.integers(k_min, k_max + 1))
     obj_idx = sorted(rng.choice(n, size=k, replace=False).tolist())
-    obj_idx, poses = _sample_poses(rng, models, obj_idx, K, width, height, clustered=test)
+    obj_idx, poses = _sample_poses(rng, models, obj_idx, K, width, height, clustered=test, views=_WORKER["views"])
     meshes = [(models[i].vertices, models[i].faces) for i in obj_idx]
 
     raster = rasterize(meshes, poses, K, width, height, cull_back=True)
@@ -550,6 +573,7 @@ def generate_synthetic_bop(
     width: int = LMO_SIZE[0],
     height: int = LMO_SIZE[1],
     images_per_scene: int = 100,
+    views: str = "tabletop",
     workers: int | None = None,
     progress: bool = True,
 ) -> str:
@@ -562,6 +586,9 @@ def generate_synthetic_bop(
       width, height: image size; the default is LM-O's 640x480 with LM-O's intrinsics (for
         another size the principal point is scaled with the image and the focal lengths kept).
       images_per_scene: images per scene folder.
+      views: object orientations: "tabletop" (objects standing on a table seen from above,
+        15-75 deg elevation, any azimuth, +-25 deg camera roll: the views of LM / LM-O) or
+        "uniform" (uniform on SO(3), a harder set).
       workers: worker processes (default: the CPU count, at most 8); 0 renders in-process.
     Returns the dataset root.
     """
@@ -569,6 +596,8 @@ def generate_synthetic_bop(
     for name, val in (("objects", objects), ("images_per_scene", images_per_scene), ("width", width), ("height", height)):
         if int(val) < 1:
             raise ValueError(f"{name} must be >= 1, got {val}")
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
     if train_images < 0 or test_images < 0:
         raise ValueError(f"train_images and test_images must be >= 0, got {train_images}, {test_images}")
     if os.path.isdir(out) and os.listdir(out):
@@ -604,7 +633,7 @@ def generate_synthetic_bop(
 
         bar = tqdm(total=len(tasks), desc="synthetic BOP images", unit="img", file=sys.stderr)
     if workers <= 1 or len(tasks) < 8:
-        _worker_init(models, K, width, height, out)
+        _worker_init(models, K, width, height, out, views)
         for task in tasks:
             results.append(_render_image(task))
             if bar is not None:
@@ -613,7 +642,7 @@ def generate_synthetic_bop(
         # spawn: the caller may have JAX (multithreaded) loaded, which fork does not tolerate.
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_worker_init, initargs=(models, K, width, height, out)
+            workers, mp_context=ctx, initializer=_worker_init, initargs=(models, K, width, height, out, views)
         ) as ex:
             for r in ex.map(_render_image, tasks, chunksize=4):
                 results.append(r)
@@ -648,7 +677,7 @@ def generate_synthetic_bop(
         _write_json(os.path.join(out, DETECTIONS_FILE), dets)
     config = dict(
         format_version=_FORMAT_VERSION, objects=objects, train_images=train_images, test_images=test_images,
-        seed=seed, width=width, height=height, images_per_scene=images_per_scene,
+        seed=seed, width=width, height=height, images_per_scene=images_per_scene, views=views,
         kinds={str(m.obj_id): m.kind for m in models}, seconds=round(time.time() - t_start, 2),
     )
     _write_json(os.path.join(out, "synthetic_config.json"), config)
@@ -680,6 +709,7 @@ def ensure_synthetic_bop(
     seed: int = DEFAULTS["seed"],
     width: int = LMO_SIZE[0],
     height: int = LMO_SIZE[1],
+    views: str = DEFAULTS["views"],
     workers: int | None = None,
     progress: bool = True,
 ) -> str:
@@ -690,7 +720,8 @@ def ensure_synthetic_bop(
     an interrupted run never leaves a half dataset behind, and concurrent callers agree.
     """
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-    cfg = dict(objects=objects, train_images=train_images, test_images=test_images, seed=seed, width=width, height=height)
+    cfg = dict(objects=objects, train_images=train_images, test_images=test_images, seed=seed, width=width, height=height,
+               views=views)
     root = os.path.join(cache_dir, "synthetic_bop", f"lcpose_synth_{_config_key(**cfg)}")
     if os.path.isfile(os.path.join(root, "synthetic_config.json")):
         return root
@@ -719,6 +750,7 @@ def ensure_synthetic_tfds(
     seed: int = DEFAULTS["seed"],
     width: int = LMO_SIZE[0],
     height: int = LMO_SIZE[1],
+    views: str = DEFAULTS["views"],
     workers: int | None = None,
     progress: bool = True,
 ) -> str:
@@ -730,7 +762,8 @@ def ensure_synthetic_tfds(
     from lcpose.data import tfds_builder
 
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
-    cfg = dict(objects=objects, train_images=train_images, test_images=test_images, seed=seed, width=width, height=height)
+    cfg = dict(objects=objects, train_images=train_images, test_images=test_images, seed=seed, width=width, height=height,
+               views=views)
     bop_root = ensure_synthetic_bop(cache_dir, workers=workers, progress=progress, **cfg)
     out = os.path.join(cache_dir, "synthetic_tfds", os.path.basename(bop_root))
     splits = ["train_pbr"] + (["test"] if test_images else [])

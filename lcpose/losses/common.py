@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences, check_pose
+from lcpose.smallmat import cho_solve_small, cholesky_small, solve_lower_small  # noqa: F401  (re-exported)
 
 __all__ = [
     "check_loss_inputs",
@@ -135,62 +136,3 @@ def adaptive_huber_delta(x2d, w2, valid_f, relative_delta):
     # torch.var is the unbiased estimator.
     var = jnp.sum(((x2d - mu) ** 2) * valid_f[:, None], axis=0) / jnp.maximum(cnt - 1.0, 1.0)
     return relative_delta * w_mean * jnp.sqrt(jnp.sum(var))
-
-
-# ----------------------------------------------------------------------------------------------
-# Unrolled linear algebra for small (n <= 6) matrices
-# ----------------------------------------------------------------------------------------------
-# jnp.linalg.cholesky / solve_triangular / inv lower to LAPACK custom calls on CPU. Vmapped, they
-# become batched calls that split their batch over XLA's intra-op thread pool and wait for the
-# pieces; with two such calls running concurrently on a 2-thread pool, jaxlib 0.10 can deadlock
-# (both pool threads wait inside lapack_strsm_ffi's ParallelBatchMap). These unrolled versions
-# are plain element-wise jnp (fused, differentiable, no custom calls) and faster at these sizes.
-
-
-def cholesky_small(S):
-    """Lower Cholesky factor of a small SPD matrix (..., n, n); NaN where S is not positive definite."""
-    n = S.shape[-1]
-    L = [[None] * n for _ in range(n)]
-    for j in range(n):
-        acc = S[..., j, j]
-        for k in range(j):
-            acc = acc - L[j][k] * L[j][k]
-        d = jnp.sqrt(acc)
-        L[j][j] = d
-        for i in range(j + 1, n):
-            acc = S[..., i, j]
-            for k in range(j):
-                acc = acc - L[i][k] * L[j][k]
-            L[i][j] = acc / d
-    zero = jnp.zeros_like(S[..., 0, 0])
-    rows = [jnp.stack([L[i][j] if j <= i else zero for j in range(n)], axis=-1) for i in range(n)]
-    return jnp.stack(rows, axis=-2)
-
-
-def solve_lower_small(L, b):
-    """L^-1 b for lower-triangular L (n, n) and b (n, ...) by unrolled forward substitution."""
-    n = L.shape[-1]
-    x = []
-    for i in range(n):
-        acc = b[i]
-        for k in range(i):
-            acc = acc - L[i, k] * x[k]
-        x.append(acc / L[i, i])
-    return jnp.stack(x)
-
-
-def _solve_upper_t_small(L, b):
-    """L^-T b by unrolled back substitution."""
-    n = L.shape[-1]
-    x = [None] * n
-    for i in reversed(range(n)):
-        acc = b[i]
-        for k in range(i + 1, n):
-            acc = acc - L[k, i] * x[k]
-        x[i] = acc / L[i, i]
-    return jnp.stack(x)
-
-
-def cho_solve_small(L, b):
-    """(L L^T)^-1 b for a Cholesky factor L (n, n) and b (n, ...)."""
-    return _solve_upper_t_small(L, solve_lower_small(L, b))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences
-from lcpose.pnp.solver import linearize_at
+from lcpose.smallmat import matmul_small, spd_inverse
 
 __all__ = ["LCTerms", "lc_loss", "robust_weights", "representation_fn", "REPRESENTATIONS", "huber2"]
 
@@ -119,6 +119,26 @@ def representation_fn(name, R_gt, t_gt, K, bbox3d):
     raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {name!r}")
 
 
+def _bbox3d_jacobian(R, bbox3d):
+    """d f / d(omega, dt) (24, 6) of the bbox3d representation at 0 (what jax.jacfwd gives):
+    d(R exp(omega) X + t) = R (e_c x X) d omega_c + dt per corner X."""
+    zero = jnp.zeros(3, bbox3d.dtype)
+    eye = jnp.eye(3, dtype=bbox3d.dtype)
+    J_w = jnp.stack([geometry.transform(jnp.cross(eye[c], bbox3d), R, zero) for c in range(3)], axis=-1)
+    J_t = jnp.broadcast_to(eye, J_w.shape)
+    return jnp.concatenate([J_w, J_t], axis=-1).reshape(-1, 6)
+
+
+def _weighted_grams(J, weights):
+    """sum_p weights[k, p] J[:, p] J[:, p]^T for each k: (k, 6, 6) from J (6, P), weights (k, P)."""
+    return jnp.einsum("ip,kp,jp->kij", J, weights, J)
+
+
+def _quadratic_diag(J, C):
+    """diag(J C J^T) (K,) for J (K, 6) and C (6, 6), element-wise."""
+    return jnp.sum(J[:, :, None] * C[None, :, :] * J[:, None, :], axis=(1, 2))
+
+
 def _group_sums(values, groups):
     """Sum `values` (K,) within consecutive groups of the given sizes -> (G,)."""
     if len(set(groups)) == 1:
@@ -191,31 +211,36 @@ def lc_loss(
     r = x2d - geometry.project(x3d, R_gt, t_gt, K)
     r_c, M, W = robust_weights(r, w2d, valid_f, robust)
 
-    # 3. the solver linearised at the ground truth, x3d held constant. With dg the per-point
-    # blocks of d(stationarity)/dx2d (jacfwd per point) the implicit-function Jacobian is
-    # A = dy/dx2d = -H^-1 dg = H^-1 [J_i^T W_i]_i (Eqs. 9-11).
-    dg, H = linearize_at(sg(x3d).T, W.T, K, R_gt, t_gt)
-    dg = dg.reshape(6, 2 * n)  # columns: (u of every point, then v of every point)
-    M_f = M.T.reshape(-1)
-    H_inv = jnp.linalg.inv(H)
-    H_inv = 0.5 * (H_inv + H_inv.T)
+    # 3. the solver linearised at the ground truth, x3d held constant (Eqs. 9-11). With J_i the
+    # projection Jacobian (2 x 6) of point i and W_i its inverse variances, the stationarity
+    # condition has the per-point blocks dg_i = -J_i^T diag(W_i) and the Gauss-Newton Hessian
+    # is H = sum_i J_i^T W_i J_i, so A = H^-1 [J_i^T W_i]_i. J depends on (x3d, pose, K) only:
+    # no gradient flows into A through x3d.
+    _, J = geometry.project_with_jacobian_points_last(sg(x3d).T, R_gt, t_gt, K)  # (2, 6, N)
+    Jf = jnp.concatenate([J[0], J[1]], axis=1)  # (6, 2N): columns u of every point, then v
+    W_f, M_f, r_f = W.T.reshape(-1), M.T.reshape(-1), sg(r_c).T.reshape(-1)
 
     # 4. covariances in the 6D update space (Eqs. 12, 14) without forming A (6 x 2N):
-    # C = A diag(M) A^T = H^-1 (dg diag(M) dg^T) H^-1, e = A r = -H^-1 (dg r): O(36 N).
-    dg_cov, H_inv_cov = (sg(dg), sg(H_inv)) if detach_weights_cov else (dg, H_inv)
+    # C = A diag(M) A^T = H^-1 G H^-1 with G = sum_i J_i^T W_i M_i W_i J_i, and e = A r = H^-1 b,
+    # b = sum_i J_i^T W_i r_i: O(36 N), two thin (6 x 2N) products. The 6 x 6 algebra after them
+    # is unrolled (lcpose.smallmat; under vmap a LAPACK call per op is slower, and can hang).
+    W_cov = sg(W_f) if detach_weights_cov else W_f
     M_cov = sg(M_f) if detach_residual_cov else M_f
-    G = (dg_cov * M_cov) @ dg_cov.T
-    C6 = H_inv_cov @ G @ H_inv_cov
+    H, G = _weighted_grams(Jf, jnp.stack([W_f, W_cov * W_cov * M_cov]))
+    b = jnp.sum(Jf * (W_f * r_f), axis=1)
+    H = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
+    H_inv = spd_inverse(H)
+    H_inv_cov = sg(H_inv) if detach_weights_cov else H_inv
+    C6 = matmul_small(matmul_small(H_inv_cov, G), H_inv_cov)
     C6 = 0.5 * (C6 + C6.T)
-    C6_prior = H_inv
-    e6 = -H_inv @ (dg @ sg(r_c).T.reshape(-1))  # linearised pose error (Eq. 13)
+    e6 = jnp.sum(H_inv * b, axis=1)  # linearised pose error (Eq. 13)
 
     # 5. map to the representation: only the diagonal of J_f C J_f^T is needed.
     f, groups = representation_fn(representation, R_gt, t_gt, K, bbox3d)
-    J_f = jax.jacfwd(f)(jnp.zeros(6, dtype))  # (K, 6)
-    diag_cov = jnp.sum((J_f @ C6) * J_f, axis=1)
-    diag_prior = jnp.sum((J_f @ C6_prior) * J_f, axis=1)
-    e_lin = J_f @ e6
+    J_f = _bbox3d_jacobian(R_gt, bbox3d) if representation == "bbox3d" else jax.jacfwd(f)(jnp.zeros(6, dtype))
+    diag_cov = _quadratic_diag(J_f, C6)
+    diag_prior = _quadratic_diag(J_f, H_inv)
+    e_lin = jnp.sum(J_f * e6, axis=1)
     cov_g = _group_sums(diag_cov, groups)
     prior_g = _group_sums(diag_prior, groups)
     lin_g = _group_sums(e_lin * e_lin, groups)
