@@ -12,6 +12,7 @@ non-positive-definite input gives NaN (callers that can meet it check `isfinite`
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 __all__ = [
@@ -77,13 +78,31 @@ def cho_solve_small(L, b):
     return _solve_upper_t_small(L, solve_lower_small(L, b))
 
 
+@jax.custom_vjp
 def spd_inverse(S):
     """Inverse of a small symmetric positive definite matrix (n, n), exactly symmetric.
 
-    Through the Cholesky factor: L^-1 by forward substitution, then S^-1 = L^-T L^-1.
+    Through the Cholesky factor: L^-1 by forward substitution, then S^-1 = L^-T L^-1. The
+    gradient is the closed form d(S^-1) = -S^-1 dS S^-1 (two small products instead of the
+    transposed substitutions), taken w.r.t. the lower triangle, which is all that is read.
     """
     n = S.shape[-1]
     L = cholesky_small(S)
     L_inv = solve_lower_small(L, jnp.eye(n, dtype=S.dtype))
     S_inv = matmul_small(L_inv.T, L_inv)
     return 0.5 * (S_inv + S_inv.T)
+
+
+def _spd_inverse_fwd(S):
+    S_inv = spd_inverse(S)
+    return S_inv, S_inv
+
+
+def _spd_inverse_bwd(S_inv, g):
+    full = -matmul_small(matmul_small(S_inv, g), S_inv)  # S^-1 is symmetric
+    # Only S's lower triangle is read: it carries the gradient of both symmetric entries.
+    lower = jnp.tril(full + full.T)
+    return (lower - 0.5 * jnp.diag(jnp.diag(lower)),)
+
+
+spd_inverse.defvjp(_spd_inverse_fwd, _spd_inverse_bwd)

@@ -50,10 +50,9 @@ def huber2(a, d):
     return jnp.where(a <= d, a * a, d * (2.0 * a - d))
 
 
-def _masked_mean(x, valid):
-    """Mean over points (axis 0) of x (N, 2) restricted to valid points; per axis."""
-    v = valid[:, None]
-    return jnp.sum(x * v, axis=0) / jnp.maximum(jnp.sum(v), 1.0)
+def _masked_mean(x_t, valid):
+    """Mean over points (last axis) of x_t (2, N) restricted to valid points; per axis."""
+    return jnp.sum(x_t * valid, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def robust_weights(r, w2d, valid, robust: bool = True):
@@ -68,20 +67,30 @@ def robust_weights(r, w2d, valid, robust: bool = True):
     robust=False: r_c = r, M = r^2, W = w^2.
     The valid mask enters only the means.
     """
+    out = _robust_weights_points_last(jnp.asarray(r).T, jnp.asarray(w2d).T, jnp.asarray(valid), robust)
+    return tuple(a.T for a in out)
+
+
+def _robust_weights_points_last(r_t, w_t, valid, robust: bool = True):
+    """`robust_weights` in the points-last layout: r_t, w_t (2, N) -> r_c, M, W (2, N) each.
+
+    The loss works in this layout: the point axis is the contiguous one, which XLA on CPU
+    vectorises (an (N, 2) layout makes every element-wise pass strided).
+    """
     sg = jax.lax.stop_gradient
     if not robust:
-        return r, r * r, w2d * w2d
-    norm = jnp.sqrt(jnp.sum(r * r, axis=-1, keepdims=True))
+        return r_t, r_t * r_t, w_t * w_t
+    norm = jnp.sqrt(r_t[0] * r_t[0] + r_t[1] * r_t[1])
     f = jnp.maximum(0.0, (norm - RESIDUAL_CLAMP_PX) / (norm + 1e-6))
-    r_c = r - sg(f * r)
+    r_c = r_t - sg(f * r_t)
     a = jnp.abs(r_c)
     m = sg(_masked_mean(a, valid))
     M = huber2(a, 3.0 * m)
-    m_w = _masked_mean(sg(w2d * w2d * M), valid)
+    m_w = _masked_mean(sg(w_t * w_t * M), valid)
     # With no residual at all on an axis (m_w = 0) nothing limits the weights: W = w^2 there
     # (the formula would give d_w = 0, W = 0 and a singular Hessian).
     d_w = sg(jnp.where(m_w > 0, jnp.sqrt(4.0 * m_w / (M + 1e-6)), jnp.inf))
-    W = huber2(w2d, d_w)
+    W = huber2(w_t, d_w)
     return r_c, M, W
 
 
@@ -131,7 +140,8 @@ def _bbox3d_jacobian(R, bbox3d):
 
 def _weighted_grams(J, weights):
     """sum_p weights[k, p] J[:, p] J[:, p]^T for each k: (k, 6, 6) from J (6, P), weights (k, P)."""
-    return jnp.einsum("ip,kp,jp->kij", J, weights, J)
+    # (J * w) @ J^T: its gradient w.r.t. w is again one thin product and an element-wise pass.
+    return jnp.stack([(J * w) @ J.T for w in weights])
 
 
 def _quadratic_diag(J, C):
@@ -207,18 +217,19 @@ def lc_loss(
     K, R_gt, t_gt, bbox3d = (sg(jnp.asarray(a, dtype)) for a in (K, R_gt, t_gt, bbox3d))
     valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
 
-    # 1-2. residuals under the ground truth and the robust weighting.
-    r = x2d - geometry.project(x3d, R_gt, t_gt, K)
-    r_c, M, W = robust_weights(r, w2d, valid_f, robust)
+    # 1-2. residuals under the ground truth and the robust weighting (points-last layout).
+    x3d_t = x3d.T
+    r_t = x2d.T - geometry.project_points_last(x3d_t, R_gt, t_gt, K)
+    r_c, M, W = _robust_weights_points_last(r_t, w2d.T, valid_f, robust)
 
     # 3. the solver linearised at the ground truth, x3d held constant (Eqs. 9-11). With J_i the
     # projection Jacobian (2 x 6) of point i and W_i its inverse variances, the stationarity
     # condition has the per-point blocks dg_i = -J_i^T diag(W_i) and the Gauss-Newton Hessian
     # is H = sum_i J_i^T W_i J_i, so A = H^-1 [J_i^T W_i]_i. J depends on (x3d, pose, K) only:
     # no gradient flows into A through x3d.
-    _, J = geometry.project_with_jacobian_points_last(sg(x3d).T, R_gt, t_gt, K)  # (2, 6, N)
+    _, J = geometry.project_with_jacobian_points_last(sg(x3d_t), R_gt, t_gt, K)  # (2, 6, N)
     Jf = jnp.concatenate([J[0], J[1]], axis=1)  # (6, 2N): columns u of every point, then v
-    W_f, M_f, r_f = W.T.reshape(-1), M.T.reshape(-1), sg(r_c).T.reshape(-1)
+    W_f, M_f, r_f = W.reshape(-1), M.reshape(-1), sg(r_c).reshape(-1)
 
     # 4. covariances in the 6D update space (Eqs. 12, 14) without forming A (6 x 2N):
     # C = A diag(M) A^T = H^-1 G H^-1 with G = sum_i J_i^T W_i M_i W_i J_i, and e = A r = H^-1 b,
