@@ -1,8 +1,9 @@
 """Export a trained variant for inference without the training code.
 
-    python -m experiments.export --workdir runs/lmo_gdr --variant lc --out exported/lc
+    python -m experiments.export --workdir runs/lmo_gdr --variant lc --obj 1 --out exported/lc_obj1
 
-Restores the newest checkpoint of ``<workdir>/<variant>`` (or ``--step``), and writes the
+Restores the newest checkpoint of ``<workdir>/<variant>`` (``<workdir>/<variant>/obj_XXXXXX``
+with ``--obj`` for runs with one network per object; or ``--step``), and writes the
 serialised test pipeline (network -> top 30 % weights -> RANSAC -> weighted PnP, ``jax.export``)
 with its weights and the objects' boxes into ``--out``; load it in any process with
 ``lcpose.export.load_exported(out)``.
@@ -19,6 +20,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="the experiment's workdir (e.g. runs/lmo_gdr)")
     p.add_argument("--variant", required=True, help="variant folder inside workdir (e.g. lc)")
+    p.add_argument("--obj", type=int, default=None,
+                   help="object id, for runs with one network per object (<variant>/obj_XXXXXX)")
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--platforms", default=None, help="comma-separated lowering platforms, e.g. cpu,cuda "
@@ -34,6 +37,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     from lcpose.train.loop import config_from_meta, load_trained
 
     run_dir = os.path.join(args.workdir, args.variant)
+    if args.obj is not None:
+        run_dir = os.path.join(run_dir, f"obj_{args.obj:06d}")
+    elif not os.path.isdir(os.path.join(run_dir, "ckpt")) and os.path.isdir(run_dir):
+        per_obj = sorted(d for d in os.listdir(run_dir) if d.startswith("obj_"))
+        if per_obj:
+            p.error(f"{run_dir} holds one network per object ({', '.join(per_obj)}); choose one with --obj")
     model, variables, _ = load_trained(run_dir, args.step)
     with open(os.path.join(run_dir, "config.json")) as f:
         meta = json.load(f)

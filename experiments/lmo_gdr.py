@@ -13,6 +13,7 @@ writes into ``--workdir`` (default ``runs/lmo_gdr``)::
                                        "train_seconds", ...}}}
     <variant>/ckpt/                   Orbax checkpoints (resume with --resume)
     <variant>/metrics.jsonl, curves.png
+    (with one network per object, the default of the CPU config: <variant>/obj_XXXXXX/ckpt/ ...)
     <variant>/gdrnet<variant>_<dataset>-test.csv   BOP challenge estimates (bop_toolkit)
     losses.png                        loss curves of all variants
 
@@ -43,7 +44,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tfds_dir", default=None,
                    help="converted TFDS data dir (default: $LCPOSE_CACHE/tfds for --bop_root)")
     p.add_argument("--train_split", default=None, help="training split (default: the config's, train_pbr)")
-    p.add_argument("--obj", default=None, help="comma-separated object ids (default: all of the dataset)")
+    p.add_argument("--obj", default=None, help="comma-separated object ids (default: the config's, cpu: 1,5; paper: all)")
+    p.add_argument("--per_object", action=argparse.BooleanOptionalAction, default=None,
+                   help="one network per object (default: the config's; cpu: yes, paper: no)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (overrides the config)")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (overrides the config)")
     p.add_argument("--batch_size", type=int, default=None)
@@ -74,6 +77,9 @@ def _config(args):
         tr["train_split"] = args.train_split
     if args.obj:
         tr["obj_ids"] = tuple(int(o) for o in args.obj.split(",") if o)
+        cfg = cfg.replace(objects=tr["obj_ids"])
+    if args.per_object is not None:
+        cfg = cfg.replace(per_object=bool(args.per_object))
     if args.pretrained:
         tr["pretrained"] = args.pretrained
     if args.workers is not None:
@@ -128,10 +134,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     data_seconds = time.perf_counter() - t_start
     progress = not args.no_progress
 
-    test_loader = make_loader(tfds_dir, cfg.test_split, cfg.eval_batch_size, train=False,
-                              worker_count=min(cfg.train.worker_count, 2), boxes=cfg.boxes,
-                              obj_ids=cfg.train.obj_ids, input_size=cfg.train.input_size,
-                              output_size=cfg.train.output_size)
+    test_loader = _test_loader(tfds_dir, cfg, cfg.objects if cfg.objects is not None else cfg.train.obj_ids)
     image_width = _image_width(tfds_dir)
     if cfg.epochs is not None:
         probe = make_loader(tfds_dir, cfg.train.train_split, cfg.train.batch_size, train=True,
@@ -145,43 +148,57 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
           f"{cfg.train.total_steps} steps of batch {cfg.train.batch_size}", file=sys.stderr)
 
     results_path = os.path.join(workdir, "results.json")
+    objects = _objects(cfg, test_loader)
     results = {"dataset": dataset, "tfds_dir": tfds_dir, "config": cfg.name,
                "train": cfg.train.to_json(), "boxes": cfg.boxes,
                "pnp": dataclasses.asdict(cfg.pnp), "devices": jax.local_device_count(),
                "platform": jax.devices()[0].platform, "data_seconds": round(data_seconds, 1),
-               "variants": {}}
+               "per_object": cfg.per_object, "objects": objects, "variants": {}}
+    # One run per variant, or (per_object) one run per variant and object in <variant>/obj_XXXXXX.
+    runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object else [("", cfg.train.obj_ids)])
     summaries = {}
     curves = {}
     for variant in cfg.variants:
         objective = objective_for(cfg, variant, cfg.train.total_steps)
         vdir = os.path.join(workdir, variant)
-        res = train(tfds_dir, vdir, cfg.train, objective, resume=args.resume, progress=progress,
-                    desc=variant, meta={"variant": variant, "config": cfg.name,
-                                        "pnp": dataclasses.asdict(cfg.pnp)})
-        t0 = time.perf_counter()
-        variables = {"params": eval_params(res.state), "batch_stats": res.state.batch_stats}
-        predict = jax.jit(E.make_predict_fn(res.model, cfg.pnp))
-        out = E.evaluate(predict, variables, test_loader, key=cfg.train.seed, progress=progress,
-                         desc=f"eval {variant}")
+        outs, histories = [], []
+        steps = train_seconds = compile_seconds = eval_seconds = 0.0
+        for sub, obj_ids in runs:
+            name = f"{variant} obj {obj_ids[0]}" if sub else variant
+            res = train(tfds_dir, os.path.join(vdir, sub) if sub else vdir,
+                        dataclasses.replace(cfg.train, obj_ids=obj_ids), objective, resume=args.resume,
+                        progress=progress, desc=name,
+                        meta={"variant": variant, "config": cfg.name, "pnp": dataclasses.asdict(cfg.pnp)})
+            t0 = time.perf_counter()
+            variables = {"params": eval_params(res.state), "batch_stats": res.state.batch_stats}
+            predict = jax.jit(E.make_predict_fn(res.model, cfg.pnp))
+            loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
+            outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
+                                   desc=f"eval {name}"))
+            eval_seconds += time.perf_counter() - t0
+            steps += res.steps
+            train_seconds += res.train_seconds
+            compile_seconds += res.compile_seconds
+            histories.append(res.history)
+            curves[name] = res.history
+        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
         errors = E.compute_errors(out, test_loader.models, image_width=image_width)
         errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
         summary = E.summarize(out, errors, errors_r)
         csv = E.write_bop_csv(os.path.join(vdir, f"gdrnet{variant.replace('_', '')}_{dataset}-test.csv"), out)
-        eval_seconds = time.perf_counter() - t0
-        gc = [r["grad_correct"] for r in res.history if np.isfinite(r.get("grad_correct", np.nan))]
-        last = res.history[-1] if res.history else {}
+        gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
+        last = [h[-1] for h in histories if h]
         summaries[variant] = summary
-        curves[variant] = res.history
         results["variants"][variant] = {
             **summary,
-            "steps": res.steps,
-            "train_seconds": round(res.train_seconds, 1),
-            "compile_seconds": round(res.compile_seconds, 1),
+            "steps": int(steps),
+            "train_seconds": round(train_seconds, 1),
+            "compile_seconds": round(compile_seconds, 1),
             "eval_seconds": round(eval_seconds, 1),
             "time_per_instance_ms": round(1000 * float(np.mean(out["time"])), 2),
             "objective": dataclasses.asdict(objective) | {"loss_kwargs": dict(objective.loss_kwargs)},
-            "final_loss": last.get("loss"),
-            "final_xyz_loss": last.get("loss/xyz"),
+            "final_loss": float(np.mean([r["loss"] for r in last])) if last else None,
+            "final_xyz_loss": float(np.mean([r["loss/xyz"] for r in last])) if last else None,
             "grad_correct": round(100 * float(np.mean(gc)), 2) if gc else None,
             "bop_csv": csv,
         }
@@ -199,6 +216,23 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
+
+
+def _objects(cfg, test_loader):
+    """The object ids the experiment trains and tests (sorted ints)."""
+    objs = cfg.objects if cfg.objects is not None else cfg.train.obj_ids
+    if objs is None:
+        objs = test_loader.models.obj_ids
+    return sorted(int(o) for o in objs)
+
+
+def _test_loader(tfds_dir, cfg, obj_ids):
+    from lcpose.data.pipeline import make_loader
+
+    return make_loader(tfds_dir, cfg.test_split, cfg.eval_batch_size, train=False,
+                       worker_count=min(cfg.train.worker_count, 2), boxes=cfg.boxes,
+                       obj_ids=obj_ids, input_size=cfg.train.input_size,
+                       output_size=cfg.train.output_size)
 
 
 def _image_width(tfds_dir) -> float:

@@ -405,8 +405,10 @@ def test_lmo_variant_objects_targets_and_lm_real(tmp_path):
     the BOP'19 targets, and train_real from LM's per-object scenes (lm_root/test/<obj_id>)."""
     from lcpose.data.tfds_builder import build_tfds, read_meta
 
+    # (seed 2 with uniform views puts object 1 into test scene 0, which plays the LM scene below)
     root = synthetic.generate_synthetic_bop(tmp_path / "lmo", objects=12, train_images=2, test_images=2, seed=2,
-                                            width=320, height=240, images_per_scene=2, workers=0, progress=False)
+                                            width=320, height=240, images_per_scene=2, views="uniform",
+                                            workers=0, progress=False)
     lm = tmp_path / "lm"
     shutil.copytree(os.path.join(root, "test", "000000"), lm / "test" / "000001")  # "LM scene of object 1"
     d = build_tfds(root, "lmo", ["train_pbr", "test", "train_real"], tmp_path / "tfds", lm_root=lm,
