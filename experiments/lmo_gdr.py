@@ -155,7 +155,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                "platform": jax.devices()[0].platform, "data_seconds": round(data_seconds, 1),
                "per_object": cfg.per_object, "objects": objects, "variants": {}}
     # One run per variant, or (per_object) one run per variant and object in <variant>/obj_XXXXXX.
-    runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object else [("", cfg.train.obj_ids)])
+    # A class-agnostic run trains on the experiment's objects (None: all of the dataset).
+    runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object
+            else [("", cfg.objects if cfg.objects is not None else cfg.train.obj_ids)])
     summaries = {}
     curves = {}
     for variant in cfg.variants:

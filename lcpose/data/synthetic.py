@@ -372,14 +372,6 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     )
 
 
-def _rot_axis(axis: int, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    R = np.eye(3)
-    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
-    return R
-
-
 def _tabletop_rotation(rng: np.random.Generator) -> np.ndarray:
     """Object-to-camera rotation of an object standing on a table (its z axis the table's
     normal), seen from the upper hemisphere as in LM / LM-O: any azimuth, elevation 15-75 deg
@@ -389,7 +381,8 @@ def _tabletop_rotation(rng: np.random.Generator) -> np.ndarray:
     roll = np.deg2rad(rng.uniform(-25.0, 25.0))
     # Rx(90 deg + elevation) turns the object's z axis to (0, -cos el, -sin el): up in the image
     # and towards the camera.
-    return _rot_axis(2, roll) @ _rot_axis(0, 0.5 * np.pi + elevation) @ _rot_axis(2, azimuth)
+    z, x = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)
+    return (_rot(roll, z) @ _rot(0.5 * np.pi + elevation, x) @ _rot(azimuth, z))[:3, :3]
 
 
 def _sample_poses(rng, models, obj_idx, K, width, height, clustered, views="tabletop"):

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences, check_pose
-from lcpose.smallmat import cho_solve_small, cholesky_small, solve_lower_small  # noqa: F401  (re-exported)
 
 __all__ = [
     "check_loss_inputs",
@@ -23,9 +22,6 @@ __all__ = [
     "robust_point_costs_t",
     "robust_cost_t",
     "adaptive_huber_delta",
-    "cholesky_small",
-    "solve_lower_small",
-    "cho_solve_small",
 ]
 
 

@@ -84,16 +84,14 @@ from lcpose import geometry, pnp
 from lcpose.losses.common import (
     adaptive_huber_delta,
     check_loss_inputs,
-    cho_solve_small,
-    cholesky_small,
     loss_dtype,
     masked_weights,
     robust_cost_t,
     rotation_cosine_distance,
     safe_norm,
     smooth_l1,
-    solve_lower_small,
 )
+from lcpose.smallmat import cho_solve_small, cholesky_small, solve_lower_small
 
 __all__ = ["EProPnPTerms", "epropnp_loss", "laplace_log_normaliser"]
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lcpose import geometry
+from lcpose.losses.common import masked_weights
 from lcpose.pnp.checks import check_correspondences
 from lcpose.smallmat import matmul_small, spd_inverse
 
@@ -213,7 +214,7 @@ def lc_loss(
     dtype = jnp.result_type(x2d, x3d, w2d)
     x2d, x3d = jnp.asarray(x2d, dtype), jnp.asarray(x3d, dtype)
     n = x3d.shape[0]
-    w2d = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
+    w2d = masked_weights(w2d, n, dtype)  # valid enters only the means, not the weights
     K, R_gt, t_gt, bbox3d = (sg(jnp.asarray(a, dtype)) for a in (K, R_gt, t_gt, bbox3d))
     valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
 
