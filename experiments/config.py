@@ -2,8 +2,10 @@
 
 ``CONFIGS["cpu"]`` is what ``python -m experiments.lmo_gdr`` runs with no arguments: the
 embedded synthetic BOP set, a small GDR-Net (ResNet-18 at a quarter of the channels, decoder
-32 channels, 64x64 crops -> 16x16 maps), one network per object for objects 1 and 5, and a
-schedule that fits two variants into about twelve minutes on a 2-core CPU. ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O
+32 channels, 64x64 crops -> 16x16 maps), one network for object 5 (``--obj`` adds others, about
+five minutes per object and variant), no colour / background augmentation (the synthetic test
+images come from the training images' renderer), and a schedule that fits two variants into
+about twelve minutes on a 2-core CPU. ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O
 (ResNet-34, 256x256 -> 64x64, batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from
 72 % with 1000 warm-up steps, pose loss 0.02 x LC blended in over 2000 steps, detections at
 test time).
@@ -67,17 +69,19 @@ CPU = ExperimentConfig(
     name="cpu",
     train=TrainConfig(
         preset="cpu", model_overrides=(("head_channels", 32),), input_size=64, output_size=16,
-        batch_size=16, total_steps=1200, learning_rate=2e-3, weight_decay=1e-4,
+        batch_size=16, total_steps=2400, learning_rate=2e-3, weight_decay=1e-4,
         warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
-        train_split="train_pbr", worker_count=2, log_every=10, ckpt_every=400,
-        keep_checkpoints=2),
+        train_split="train_pbr", color_aug_prob=0.0, bg_switch_prob=0.0, worker_count=2,
+        log_every=10, ckpt_every=800, keep_checkpoints=2),
     pose_loss_start_step=None,
     grad_metric_every=10,
     # One small network per object, as the LC reference trains LM-O: from random initialisation
     # a class-agnostic CPU-sized network does not learn the coordinates of 8 objects in minutes
-    # (its xyz error stays at that of predicting the box centre), one object's it does.
+    # (its xyz error stays at that of predicting the box centre), one object's it does. For
+    # object 5, 2400 steps without augmentation gave better poses than 1200 with it (AR_MSPD 45
+    # vs 30 %), so one object fits the time budget, not two.
     per_object=True,
-    objects=(1, 5),
+    objects=(5,),
     eval_batch_size=32,
     boxes="detections",
     # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)

@@ -44,7 +44,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tfds_dir", default=None,
                    help="converted TFDS data dir (default: $LCPOSE_CACHE/tfds for --bop_root)")
     p.add_argument("--train_split", default=None, help="training split (default: the config's, train_pbr)")
-    p.add_argument("--obj", default=None, help="comma-separated object ids (default: the config's, cpu: 1,5; paper: all)")
+    p.add_argument("--obj", default=None, help="comma-separated object ids (default: the config's, cpu: 5; paper: all)")
     p.add_argument("--per_object", action=argparse.BooleanOptionalAction, default=None,
                    help="one network per object (default: the config's; cpu: yes, paper: no)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (overrides the config)")
@@ -163,7 +163,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     for variant in cfg.variants:
         objective = objective_for(cfg, variant, cfg.train.total_steps)
         vdir = os.path.join(workdir, variant)
-        outs, histories = [], []
+        outs, histories, wstats = [], [], []
         steps = train_seconds = compile_seconds = eval_seconds = 0.0
         for sub, obj_ids in runs:
             name = f"{variant} obj {obj_ids[0]}" if sub else variant
@@ -177,6 +177,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
             outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
                                    desc=f"eval {name}"))
+            # where the weights went (weights.png next to the run's curves)
+            first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
+            wstats.append(E.weight_map_stats(res.model, variables, first,
+                                             os.path.join(res.workdir, "weights.png")))
             eval_seconds += time.perf_counter() - t0
             steps += res.steps
             train_seconds += res.train_seconds
@@ -202,6 +206,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             "final_loss": float(np.mean([r["loss"] for r in last])) if last else None,
             "final_xyz_loss": float(np.mean([r["loss/xyz"] for r in last])) if last else None,
             "grad_correct": round(100 * float(np.mean(gc)), 2) if gc else None,
+            "weight_on_mask": round(float(np.mean([w["weight_on_mask"] for w in wstats])), 2),
+            "weight_n_eff": round(float(np.mean([w["weight_n_eff"] for w in wstats])), 1),
             "bop_csv": csv,
         }
         _write_json(results_path, results)
@@ -215,7 +221,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                           f"{cfg.train.total_steps} steps)"))
     for v, r in results["variants"].items():
         gc = f", gradient correctness {r['grad_correct']:.1f} %" if r["grad_correct"] is not None else ""
-        print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}")
+        print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}; test weights: "
+              f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
 
@@ -228,11 +235,12 @@ def _objects(cfg, test_loader):
     return sorted(int(o) for o in objs)
 
 
-def _test_loader(tfds_dir, cfg, obj_ids):
+def _test_loader(tfds_dir, cfg, obj_ids, workers=None):
     from lcpose.data.pipeline import make_loader
 
+    workers = min(cfg.train.worker_count, 2) if workers is None else workers
     return make_loader(tfds_dir, cfg.test_split, cfg.eval_batch_size, train=False,
-                       worker_count=min(cfg.train.worker_count, 2), boxes=cfg.boxes,
+                       worker_count=workers, boxes=cfg.boxes,
                        obj_ids=obj_ids, input_size=cfg.train.input_size,
                        output_size=cfg.train.output_size)
 

@@ -49,6 +49,7 @@ __all__ = [
     "summarize",
     "format_table",
     "write_bop_csv",
+    "weight_map_stats",
     "PREDICT_KEYS",
 ]
 
@@ -130,6 +131,50 @@ def make_predict_fn(model, pnp: PnPConfig = PnPConfig()):
 
 _INSTANCE_KEYS = ("obj_id", "obj_index", "scene_id", "im_id", "gt_idx", "score", "has_box",
                   "R", "t", "K", "visib_fract")
+
+
+def weight_map_stats(model, variables, batch, path=None, *, count: int = 8) -> Dict[str, float]:
+    """How the network spreads its correspondence weights over one evaluation batch.
+
+    Returns ``weight_on_mask`` (%, median over the crops of the share of the weight mass, both
+    channels, inside the ground-truth visible mask) and ``weight_n_eff`` (median effective
+    number of weighted pixels, (sum w)^2 / sum w^2, per crop). A PnP loss can reward putting
+    most of the weight on a few pixels (each point's information grows with w^2 while the
+    spatial softmax fixes sum w); at test time the weighted solve then rests on those few
+    points. With ``path``, also saves a PNG of the first ``count`` crops: image, visible mask,
+    weights.
+    """
+    out = model.apply(variables, batch["image"], train=False)
+    w = np.asarray(out["w2d"]).sum(-1)                       # (B, h, w)
+    m = np.asarray(batch["mask_visib"]) > 0
+    keep = np.asarray(batch.get("valid_example", np.ones(len(w)))) > 0
+    w, m, images = w[keep], m[keep], np.asarray(batch["image"])[keep]
+    flat = w.reshape(len(w), -1)
+    total = np.maximum(flat.sum(1), 1e-30)
+    on_mask = (flat * m.reshape(len(w), -1)).sum(1) / total
+    n_eff = total ** 2 / np.maximum((flat ** 2).sum(1), 1e-30)
+    stats = {"weight_on_mask": round(100 * float(np.median(on_mask)), 2),
+             "weight_n_eff": round(float(np.median(n_eff)), 1)}
+    if path is not None and len(w):
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        k = min(count, len(w))
+        fig, axes = plt.subplots(3, k, figsize=(1.6 * k, 5.0), squeeze=False)
+        for j in range(k):
+            for row, (img, kw) in enumerate(((images[j], {}), (m[j], {"cmap": "gray"}),
+                                             (w[j] / max(w[j].max(), 1e-30), {"cmap": "viridis"}))):
+                axes[row, j].imshow(np.clip(img, 0, 1) if row == 0 else img, **kw)
+                axes[row, j].set_xticks([])
+                axes[row, j].set_yticks([])
+            axes[2, j].set_title(f"{100 * on_mask[j]:.0f} % on mask, n_eff {n_eff[j]:.0f}", fontsize=6)
+        for row, label in enumerate(("crop", "visible mask", "weights")):
+            axes[row, 0].set_ylabel(label, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return stats
 
 
 def evaluate(predict, variables, loader, *, key=0, progress: bool = True,

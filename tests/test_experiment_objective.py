@@ -159,3 +159,9 @@ def test_scale_branch_and_blend_and_config_checks():
         ObjectiveConfig(stride=0)
     with pytest.raises(ValueError, match="loss_kwargs"):
         ObjectiveConfig(pose_loss="none", loss_kwargs={"use_cov": False})
+    from lcpose.train.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="color_aug_prob"):
+        TrainConfig(color_aug_prob=1.5)
+    with pytest.raises(ValueError, match="bg_switch_prob"):
+        TrainConfig(bg_switch_prob=-0.1)
