@@ -25,8 +25,11 @@ __all__ = [
 
 
 def matmul_small(A, B):
-    """A @ B for small matrices (m, k) @ (k, n) as a broadcast multiply and a reduction."""
-    return jnp.sum(A[:, :, None] * B[None, :, :], axis=1)
+    """A @ B for small matrices (..., m, k) @ (..., k, n) as a broadcast multiply and a reduction.
+
+    Leading axes broadcast like jnp.matmul's: stacking two products into one call costs one op.
+    """
+    return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
 
 
 def cholesky_small(S):

@@ -28,6 +28,11 @@ def test_small_matrix_functions_match_numpy():
     np.testing.assert_array_equal(S_inv, S_inv.T)
     np.testing.assert_allclose(np.asarray(smallmat.matmul_small(jnp.asarray(S), jnp.asarray(B))), S @ B,
                                rtol=1e-12, atol=1e-12)
+    stacked = np.stack([S, S.T + 1.0])  # leading axes broadcast like np.matmul's
+    np.testing.assert_allclose(np.asarray(smallmat.matmul_small(jnp.asarray(stacked), jnp.asarray(B))), stacked @ B,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(smallmat.matmul_small(jnp.asarray(B.T), jnp.asarray(stacked))), B.T @ stacked,
+                               rtol=1e-12, atol=1e-12)
     # batched and differentiated like the LC loss uses it: d tr(S^-1) / dS = -S^-2. Only the
     # lower triangle is read, so the gradient there is that of both symmetric entries.
     Ss = jnp.asarray(np.stack([_spd(rng, 6) for _ in range(3)]))

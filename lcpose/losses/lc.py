@@ -16,9 +16,15 @@ The robust weighting follows the official implementation (clamped residuals, Hub
 residual variances and weights); see `robust_weights`. Everything is per instance (vmap for
 batches) and costs O(N) (Sec. "Efficient Loss Computation"): covariances are formed in the 6D
 update space and only the diagonal of J_f C J_f^T is evaluated.
+
+Both halves have hand-written backward passes (`jax.custom_vjp`): the per-point part (residuals,
+robust weights, Jacobians and the three sums over points) and the 6 x 6 algebra after it. Autodiff
+gives the same gradients through a long chain of small ops; the closed forms are one element-wise
+pass over the points and a few 6 x 6 products (tests compare both with finite differences).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -78,9 +84,15 @@ def _robust_weights_points_last(r_t, w_t, valid, robust: bool = True):
     The loss works in this layout: the point axis is the contiguous one, which XLA on CPU
     vectorises (an (N, 2) layout makes every element-wise pass strided).
     """
+    return _robust_weights_and_slopes(r_t, w_t, valid, robust)[:3]
+
+
+def _robust_weights_and_slopes(r_t, w_t, valid, robust: bool = True):
+    """r_c, M, W of `_robust_weights_points_last` and the slopes dM/dr, dW/dw (2, N each) that
+    its stop-gradients leave, for the loss's hand-written backward."""
     sg = jax.lax.stop_gradient
     if not robust:
-        return r_t, r_t * r_t, w_t * w_t
+        return r_t, r_t * r_t, w_t * w_t, 2.0 * r_t, 2.0 * w_t
     norm = jnp.sqrt(r_t[0] * r_t[0] + r_t[1] * r_t[1])
     f = jnp.maximum(0.0, (norm - RESIDUAL_CLAMP_PX) / (norm + 1e-6))
     r_c = r_t - sg(f * r_t)
@@ -92,7 +104,8 @@ def _robust_weights_points_last(r_t, w_t, valid, robust: bool = True):
     # (the formula would give d_w = 0, W = 0 and a singular Hessian).
     d_w = sg(jnp.where(m_w > 0, jnp.sqrt(4.0 * m_w / (M + 1e-6)), jnp.inf))
     W = huber2(w_t, d_w)
-    return r_c, M, W
+    # r_c moves one-to-one with r (the clamp is constant) and huber2'(a, d) = 2 min(a, d), a >= 0.
+    return r_c, M, W, 2.0 * jnp.clip(r_c, -3.0 * m, 3.0 * m), 2.0 * jnp.minimum(w_t, d_w)
 
 
 def representation_fn(name, R_gt, t_gt, K, bbox3d):
@@ -139,12 +152,6 @@ def _bbox3d_jacobian(R, bbox3d):
     return jnp.concatenate([J_w, J_t], axis=-1).reshape(-1, 6)
 
 
-def _weighted_grams(J, weights):
-    """sum_p weights[k, p] J[:, p] J[:, p]^T for each k: (k, 6, 6) from J (6, P), weights (k, P)."""
-    # (J * w) @ J^T: its gradient w.r.t. w is again one thin product and an element-wise pass.
-    return jnp.stack([(J * w) @ J.T for w in weights])
-
-
 def _quadratic_diag(J, C):
     """diag(J C J^T) (K,) for J (K, 6) and C (6, 6), element-wise."""
     return jnp.sum(J[:, :, None] * C[None, :, :] * J[:, None, :], axis=(1, 2))
@@ -159,6 +166,151 @@ def _group_sums(values, groups):
         out.append(jnp.sum(values[i : i + g]))
         i += g
     return jnp.stack(out)
+
+
+def _group_expand(values, groups):
+    """The transpose of `_group_sums`: each group's value repeated over its members -> (K,)."""
+    if len(set(groups)) == 1:
+        return jnp.broadcast_to(values[:, None], (len(groups), groups[0])).reshape(-1)
+    return jnp.concatenate([jnp.broadcast_to(v, (g,)) for v, g in zip(values, groups)])
+
+
+def _quad_forms(S, J):
+    """j^T S j for every column j of J (6, P) and a (6, 6) matrix S, unrolled over the 21 pairs
+    into one element-wise pass over the contiguous column axis."""
+    out = 0.0
+    for i in range(6):
+        out = out + S[i, i] * (J[i] * J[i])
+        for j in range(i + 1, 6):
+            out = out + (S[i, j] + S[j, i]) * (J[i] * J[j])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 1-4 per point: residuals, robust weights, the solver's Jacobians and the three sums over
+# points that the rest needs. Backward: the cotangents of the sums reach every point in one
+# element-wise pass (autodiff takes a long chain of passes).
+# ----------------------------------------------------------------------------------------------
+
+
+def _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust):
+    n = x3d.shape[0]
+    uv, J = geometry.project_with_jacobian_points_last(x3d.T, R, t, K)  # (2, N), (2, 6, N)
+    r_c, M, W, dM, dW = _robust_weights_and_slopes(x2d.T - uv, w2d.T, valid, robust)
+    # All 2N point-axes side by side (u of every point, then v): every per-point quantity is one
+    # contiguous row and the sums are thin (6 x 2N) products.
+    J = jnp.concatenate([J[0], J[1]], axis=1)
+    r_c, M, W, dM, dW = (a.reshape(2 * n) for a in (r_c, M, W, dM, dW))
+    H = (J * W) @ J.T
+    G = (J * (W * W * M)) @ J.T
+    b = J @ (W * r_c)
+    return (H, G, b), (J, r_c, M, W, dM, dW, R)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _point_sums(x2d, x3d, w2d, valid, K, R, t, robust, detach_weights, detach_residuals):
+    """H = sum_i J_i^T W_i J_i, G = sum_i J_i^T W_i M_i W_i J_i, b = sum_i J_i^T W_i sg(r_c,i).
+
+    Gradients reach x2d and x3d through the residual variances M (r_c's only differentiable
+    use), w2d through W; none reach J (x3d is held constant in the linearisation), K, R, t or
+    valid. G passes none to the weights with `detach_weights`, none to the residuals with
+    `detach_residuals` (Table 4, C1 and C0).
+    """
+    return _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust)[0]
+
+
+def _point_sums_vjp_fwd(x2d, x3d, w2d, valid, K, R, t, robust, detach_weights, detach_residuals):
+    return _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust)
+
+
+def _point_sums_vjp_bwd(robust, detach_weights, detach_residuals, res, cts):
+    J, r_c, M, W, dM, dW, R = res
+    H_bar, G_bar, b_bar = cts
+    n = J.shape[1] // 2
+    # d/dW_i and d/dM_i of the three sums, per point-axis: quadratic forms of its J_i.
+    q_G = _quad_forms(G_bar, J)
+    W_bar = _quad_forms(H_bar, J) + r_c * sum(b_bar[k] * J[k] for k in range(6))
+    if not detach_weights:
+        W_bar = W_bar + 2.0 * W * M * q_G
+    M_bar = jnp.zeros_like(M) if detach_residuals else W * W * q_G
+    # Both gradients in one array: XLA then evaluates each once instead of in every consumer.
+    g = jnp.concatenate([M_bar * dM, W_bar * dW]).reshape(4, n)
+    r_bar, w_bar = g[:2], g[2:]
+    # r = x2d - project(x3d): d project_k / d x3d = (d uv_k / d X_c) R, rows 3..5 of J_k.
+    x3d_bar = J[3:, :n].T * r_bar[0][:, None] + J[3:, n:].T * r_bar[1][:, None]  # (N, 3)
+    x3d_bar = -(x3d_bar[:, 0:1] * R[0] + x3d_bar[:, 1:2] * R[1] + x3d_bar[:, 2:3] * R[2])
+    return r_bar.T, x3d_bar, w_bar.T, None, None, None, None
+
+
+_point_sums.defvjp(_point_sums_vjp_fwd, _point_sums_vjp_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 4-5: the 6 x 6 algebra from the sums to the three terms. Backward in closed form: a
+# handful of small products (stacked where two can share one op) instead of autodiff's chain.
+# ----------------------------------------------------------------------------------------------
+
+
+def _terms_fwd(H, G, b, J_f, groups, nll):
+    dtype = H.dtype
+    trace = jnp.trace(H)
+    H = H + jnp.finfo(dtype).eps * jnp.abs(trace) * jnp.eye(6, dtype=dtype)
+    P = spd_inverse(H)  # C_prior (Eq. 14)
+    # G is symmetric up to rounding; using it twice also keeps XLA from fusing the product below
+    # into G's library call (YNNPACK), which made that call slower and wait for P.
+    G = 0.5 * (G + G.T)
+    PG = matmul_small(P, G)
+    C = matmul_small(PG, P)  # C = A diag(M) A^T = H^-1 G H^-1 (Eq. 12)
+    C = 0.5 * (C + C.T)
+    e6 = jnp.sum(P * b, axis=1)  # linearised pose error e = A sg(r_c) = H^-1 b (Eq. 13)
+    # only the diagonal of J_f C J_f^T is needed
+    e_lin = jnp.sum(J_f * e6, axis=1)
+    sums = [_group_sums(v, groups) for v in (_quadratic_diag(J_f, C), _quadratic_diag(J_f, P), e_lin * e_lin)]
+    if nll == "laplace":
+        # mean over groups of the Euclidean scale: sqrt of the group's summed variances.
+        tiny = jnp.finfo(dtype).tiny
+        roots = [jnp.sqrt(jnp.maximum(v, tiny)) for v in sums]
+        terms = tuple(jnp.mean(r) for r in roots)
+        # d sqrt(max(v, tiny)) / dv, with jnp.maximum's even split of a tie
+        slopes = [jnp.where(v > tiny, 0.5, jnp.where(v == tiny, 0.25, 0.0)) / r for v, r in zip(sums, roots)]
+    else:
+        terms = tuple(jnp.mean(v) for v in sums)
+        slopes = [jnp.ones_like(v) for v in sums]
+    slopes = [s / len(groups) for s in slopes]  # the mean over groups
+    return terms, (P, PG, b, e_lin, J_f, trace, slopes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lc_terms(H, G, b, J_f, groups, nll, detach_weights):
+    """(E_cov, E_prior, E_linear) from the sums of `_point_sums` and the representation's
+    Jacobian J_f (K, 6); `detach_weights` stops E_cov's gradient through H (Table 4, C1)."""
+    return _terms_fwd(H, G, b, J_f, groups, nll)[0]
+
+
+def _lc_terms_vjp_fwd(H, G, b, J_f, groups, nll, detach_weights):
+    return _terms_fwd(H, G, b, J_f, groups, nll)
+
+
+def _lc_terms_vjp_bwd(groups, nll, detach_weights, res, cts):
+    P, PG, b, e_lin, J_f, trace, slopes = res
+    cov_bar, prior_bar, lin_bar = (_group_expand(c * s, groups) for c, s in zip(cts, slopes))
+    # diag(J_f X J_f^T) -> X_bar = J_f^T diag(x_bar) J_f, for X = C and X = P in one op
+    w = jnp.stack([cov_bar, prior_bar])  # (2, K)
+    C_bar, P_bar = matmul_small(J_f.T * w[:, None, :], J_f)
+    e6_bar = jnp.sum(J_f * (2.0 * e_lin * lin_bar)[:, None], axis=0)  # e_lin = J_f e6
+    b_bar = jnp.sum(P * e6_bar, axis=1)  # e6 = P b, P symmetric
+    P_bar = P_bar + e6_bar[:, None] * b[None, :]
+    if not detach_weights:
+        T = matmul_small(C_bar, PG)  # C = P G P: P_bar += C_bar P G + G P C_bar, C_bar symmetric
+        P_bar = P_bar + T + T.T
+    # G_bar = P C_bar P and H_bar = -P P_bar P (d H^-1 = -H^-1 dH H^-1) in one pair of products
+    G_bar, H_bar = matmul_small(matmul_small(P, jnp.stack([C_bar, -P_bar])), P)
+    eps = jnp.finfo(H_bar.dtype).eps
+    H_bar = H_bar + eps * jnp.sign(trace) * jnp.trace(H_bar) * jnp.eye(6, dtype=H_bar.dtype)
+    return H_bar, G_bar, b_bar, None
+
+
+_lc_terms.defvjp(_lc_terms_vjp_fwd, _lc_terms_vjp_bwd)
 
 
 def lc_loss(
@@ -202,6 +354,8 @@ def lc_loss(
     Returns:
       LCTerms(loss, e_cov, e_prior, e_linear). Gradients reach x2d and x3d through the residuals
       (E_cov) and w2d through A and H (E_cov, E_prior, E_linear); none reach A through x3d.
+      Reverse mode only (jax.grad, jax.vjp): the backward passes are hand-written
+      (`jax.custom_vjp`), so jax.jvp / jax.jacfwd of the loss raise.
     """
     check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
     if nll not in ("laplace", "gaussian"):
@@ -218,51 +372,20 @@ def lc_loss(
     K, R_gt, t_gt, bbox3d = (sg(jnp.asarray(a, dtype)) for a in (K, R_gt, t_gt, bbox3d))
     valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
 
-    # 1-2. residuals under the ground truth and the robust weighting (points-last layout).
-    x3d_t = x3d.T
-    r_t = x2d.T - geometry.project_points_last(x3d_t, R_gt, t_gt, K)
-    r_c, M, W = _robust_weights_points_last(r_t, w2d.T, valid_f, robust)
+    # 1-4. residuals under the ground truth, the robust weighting (points-last layout) and the
+    # solver linearised at the ground truth with x3d held constant (Eqs. 9-11): with J_i the
+    # projection Jacobian (2 x 6) of point i and W_i its inverse variances, the Gauss-Newton
+    # Hessian is H = sum_i J_i^T W_i J_i and A = H^-1 [J_i^T W_i]_i. A (6 x 2N) is never formed:
+    # C = A diag(M) A^T = H^-1 G H^-1 with G = sum_i J_i^T W_i M_i W_i J_i, and e = A r = H^-1 b
+    # with b = sum_i J_i^T W_i r_i: O(36 N). The 6 x 6 algebra after them is unrolled
+    # (lcpose.smallmat; under vmap a LAPACK call per op is slower, and can hang).
+    H, G, b = _point_sums(x2d, x3d, w2d, valid_f, K, R_gt, t_gt, robust, detach_weights_cov, detach_residual_cov)
 
-    # 3. the solver linearised at the ground truth, x3d held constant (Eqs. 9-11). With J_i the
-    # projection Jacobian (2 x 6) of point i and W_i its inverse variances, the stationarity
-    # condition has the per-point blocks dg_i = -J_i^T diag(W_i) and the Gauss-Newton Hessian
-    # is H = sum_i J_i^T W_i J_i, so A = H^-1 [J_i^T W_i]_i. J depends on (x3d, pose, K) only:
-    # no gradient flows into A through x3d.
-    _, J = geometry.project_with_jacobian_points_last(sg(x3d_t), R_gt, t_gt, K)  # (2, 6, N)
-    Jf = jnp.concatenate([J[0], J[1]], axis=1)  # (6, 2N): columns u of every point, then v
-    W_f, M_f, r_f = W.reshape(-1), M.reshape(-1), sg(r_c).reshape(-1)
-
-    # 4. covariances in the 6D update space (Eqs. 12, 14) without forming A (6 x 2N):
-    # C = A diag(M) A^T = H^-1 G H^-1 with G = sum_i J_i^T W_i M_i W_i J_i, and e = A r = H^-1 b,
-    # b = sum_i J_i^T W_i r_i: O(36 N), two thin (6 x 2N) products. The 6 x 6 algebra after them
-    # is unrolled (lcpose.smallmat; under vmap a LAPACK call per op is slower, and can hang).
-    W_cov = sg(W_f) if detach_weights_cov else W_f
-    M_cov = sg(M_f) if detach_residual_cov else M_f
-    H, G = _weighted_grams(Jf, jnp.stack([W_f, W_cov * W_cov * M_cov]))
-    b = jnp.sum(Jf * (W_f * r_f), axis=1)
-    H = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
-    H_inv = spd_inverse(H)
-    H_inv_cov = sg(H_inv) if detach_weights_cov else H_inv
-    C6 = matmul_small(matmul_small(H_inv_cov, G), H_inv_cov)
-    C6 = 0.5 * (C6 + C6.T)
-    e6 = jnp.sum(H_inv * b, axis=1)  # linearised pose error (Eq. 13)
-
-    # 5. map to the representation: only the diagonal of J_f C J_f^T is needed.
+    # 5. covariances (Eqs. 12, 14) mapped to the representation: only the diagonal of
+    # J_f C J_f^T is needed.
     f, groups = representation_fn(representation, R_gt, t_gt, K, bbox3d)
     J_f = _bbox3d_jacobian(R_gt, bbox3d) if representation == "bbox3d" else jax.jacfwd(f)(jnp.zeros(6, dtype))
-    diag_cov = _quadratic_diag(J_f, C6)
-    diag_prior = _quadratic_diag(J_f, H_inv)
-    e_lin = jnp.sum(J_f * e6, axis=1)
-    cov_g = _group_sums(diag_cov, groups)
-    prior_g = _group_sums(diag_prior, groups)
-    lin_g = _group_sums(e_lin * e_lin, groups)
-    tiny = jnp.finfo(dtype).tiny
-    if nll == "laplace":
-        # mean over groups of the Euclidean scale: sqrt of the group's summed variances.
-        root = lambda v: jnp.sqrt(jnp.maximum(v, tiny))  # noqa: E731
-        e_cov, e_prior, e_linear = (jnp.mean(root(v)) for v in (cov_g, prior_g, lin_g))
-    else:
-        e_cov, e_prior, e_linear = (jnp.mean(v) for v in (cov_g, prior_g, lin_g))
+    e_cov, e_prior, e_linear = _lc_terms(H, G, b, J_f, groups, nll, detach_weights_cov)
 
     # 6. Eq. 17 with the Table 4 switches.
     e_cov_used = e_cov if use_cov else jnp.zeros_like(e_cov)
