@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = TrainConfig(
     preset="cpu", model_overrides={"encoder_widths": (8, 8, 16, 16), "head_channels": 8},
     input_size=64, output_size=16, batch_size=4, total_steps=12, learning_rate=3e-3,
-    warmup_steps=1, seed=0, worker_count=0, log_every=1, ckpt_every=6, keep_checkpoints=3)
+    warmup_steps=1, seed=0, worker_count=0, log_every=1, ckpt_every=6, keep_checkpoints=3,
+    clip_scale_grad=True, clip_points_grad=True)   # the CPU config's clippers (saved and resumed)
 # gradient correctness is tested in test_experiment_objective (it doubles the step's compile)
 LC = ObjectiveConfig(pose_loss="lc", pose_loss_start_step=4)
 PNP = E.PnPConfig(threshold_px=0.5, hypotheses=32)

@@ -105,6 +105,8 @@ def test_clipped_output_gradient_reaches_params_as_vjp(fresh):
                            np.asarray(got["Conv_1"]["kernel"]))
     assert float(metrics["clip/logits_norm"]) == pytest.approx(norm, rel=1e-5)
     assert float(metrics["clip/logits_threshold"]) == pytest.approx(1.7 * norm, rel=1e-5)
+    # the per-output gradient norms are those of the cotangents the pullback received
+    assert float(metrics["grad/logits_norm"]) == pytest.approx(1e-3, rel=1e-4)
     assert int(new_state.step) == 1
     np.testing.assert_allclose(np.asarray(new_state.batch_stats["BatchNorm_0"]["mean"]),
                                np.asarray(mutated["batch_stats"]["BatchNorm_0"]["mean"]), rtol=1e-6)

@@ -47,7 +47,8 @@ __all__ = ["TrainConfig", "TrainResult", "train", "build_model", "load_trained",
 TRAIN_KEYS = ("image", "xyz", "mask_visib", "K_out", "R", "t", "bbox3d")
 # Metrics drawn in curves.png (those present).
 CURVE_KEYS = ("loss", "loss/xyz", "loss/mask", "loss/pose", "loss/weight_bce", "grad_correct",
-              "lc/e_cov", "lc/e_prior", "lc/e_linear", "log_scale", "grad_norm", "lr")
+              "lc/e_cov", "lc/e_prior", "lc/e_linear", "log_scale", "grad_norm", "grad/xyz_norm",
+              "grad/log_scale_norm", "lr")
 CONFIG_FILE = "config.json"   # the run's configuration (also saved with every checkpoint)
 # Fields that may change between a run and its resumption.
 _RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints")
@@ -64,7 +65,15 @@ class TrainConfig:
     batch_size: global batch (split across local devices; divisible by their number).
     total_steps: optimiser updates. learning_rate, weight_decay: Ranger's (2e-4, 1e-4).
     warmup_steps / warmup_factor / anneal_start: the flat-cosine schedule (1000 / 0.001 / 0.72).
-    clip_weight_logits: the LC recipe's running-norm clipper on the weight-logit gradient.
+    clip_weight_logits: the LC recipe's running-norm clipper on the weight-logit gradient
+      (rel_thresh 0.7, the reference's ``clip_weight_grad``, on by default).
+    clip_scale_grad / clip_points_grad: the reference's two optional clippers (rel_thresh 2, off
+      in its LM-O configuration): on the gradient w.r.t. the weight-scale output ``log_scale``
+      and w.r.t. the xyz output. The reference clips the pose loss's gradient on the sampled
+      3D points; here the clipper sees the whole xyz-output gradient (L1 + pose loss), whose
+      L1 part is steady, so it acts on the pose loss's spikes alike. They guard against the
+      runaway of the weight scale and the points that an LC run can fall into when its weights
+      concentrate on a few pixels (seen on the 16x16 CPU maps; see BUILD.md, "The main job").
     seed: initialisation, data order/augmentation and the per-step RNG.
     train_split / obj_ids: what to train on (None: all objects of the dataset).
     color_aug_prob / bg_switch_prob: training augmentation (``lcpose.data.pipeline.make_loader``;
@@ -86,6 +95,8 @@ class TrainConfig:
     warmup_factor: float = 0.001
     anneal_start: float = 0.72
     clip_weight_logits: bool = True
+    clip_scale_grad: bool = False
+    clip_points_grad: bool = False
     seed: int = 0
     train_split: str = "train_pbr"
     obj_ids: Optional[Sequence[int]] = None
@@ -156,9 +167,9 @@ def _compiled_step(model, objective: ObjectiveConfig, cfg_key: tuple):
     """(tx, schedule, pmapped step) for a configuration; cached so repeated runs in one process
     (tests, several variants with equal settings) compile once."""
     tx, sched = _make_tx(cfg_key)
-    clip = cfg_key[-1]
+    clips = dict(cfg_key[-1])
     step = make_train_step(model, make_objective(objective), tx, AXIS_NAME,
-                           output_clip={"weight_logits": {}} if clip else None,
+                           output_clip={name: {"rel_thresh": rel} for name, rel in clips.items()} or None,
                            learning_rate_fn=sched)
     return tx, sched, jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))
 
@@ -173,7 +184,22 @@ def _make_tx(cfg_key: tuple):
 def _step_key(cfg: TrainConfig) -> tuple:
     return (float(cfg.learning_rate), float(cfg.weight_decay), int(cfg.total_steps),
             int(cfg.warmup_steps), float(cfg.warmup_factor), float(cfg.anneal_start),
-            bool(cfg.clip_weight_logits))
+            output_clips(cfg))
+
+
+def output_clips(cfg: TrainConfig) -> tuple:
+    """The clipped network outputs of a run and their clippers' rel_thresh: ((name, rel), ...).
+
+    The names are also the clipper states of the run's TrainState (``clip_names``).
+    """
+    clips = []
+    if cfg.clip_weight_logits:
+        clips.append(("weight_logits", 0.7))
+    if cfg.clip_scale_grad:
+        clips.append(("log_scale", 2.0))
+    if cfg.clip_points_grad:
+        clips.append(("xyz", 2.0))
+    return tuple(clips)
 
 
 def _meta(cfg: TrainConfig, objective: ObjectiveConfig, tfds_dir: str, extra: Optional[dict]) -> dict:
@@ -239,7 +265,7 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     def make_state(variables):
         return TrainState.create(params=variables["params"], batch_stats=variables["batch_stats"],
                                  tx=tx, rng=jax.random.PRNGKey(cfg.seed),
-                                 clip_names=["weight_logits"] if cfg.clip_weight_logits else [])
+                                 clip_names=[name for name, _ in output_clips(cfg)])
 
     ckpt_dir = os.path.join(workdir, "ckpt")
     if not resume and os.path.isdir(ckpt_dir):
@@ -342,7 +368,7 @@ def load_trained(run_dir, step: Optional[int] = None):
         tx, _ = _make_tx(_step_key(cfg))
         target = jax.eval_shape(lambda v: TrainState.create(
             params=v["params"], batch_stats=v["batch_stats"], tx=tx, rng=jax.random.PRNGKey(0),
-            clip_names=["weight_logits"] if cfg.clip_weight_logits else []), variables)
+            clip_names=[name for name, _ in output_clips(cfg)]), variables)
         restored = ckpt.restore(target, step)
     state = jax.device_get(restored.state)
     return model, {"params": eval_params(state), "batch_stats": state.batch_stats}, restored.meta

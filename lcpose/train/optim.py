@@ -294,6 +294,21 @@ def init_running_norm_clip() -> RunningNormClipState:
                                 last_norm=jnp.asarray(0.0, jnp.float32))
 
 
+def sharded_output_norm(grads, axis_name: Optional[str] = None):
+    """Global L2 norm (float32) of a gradient w.r.t. per-example network outputs.
+
+    Inside ``pmap`` (``axis_name`` set) each device holds the gradient of its shard's *mean*
+    loss w.r.t. its own examples' outputs; the global-batch gradient is their concatenation
+    divided by the number of devices, whose norm is sqrt(psum ||g_d||^2) / n_devices. The same
+    value on every device, and equal to the single-device figure on the whole batch.
+    """
+    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(grads))
+    if axis_name is not None:
+        n_dev = jax.lax.psum(1, axis_name)
+        sq = jax.lax.psum(sq, axis_name) / (n_dev * n_dev)
+    return jnp.sqrt(sq)
+
+
 def clip_by_running_norm(grads, state: RunningNormClipState, *, rel_thresh: float = 0.7,
                          momentum: float = 0.1, initial_max_norm: float = 100.0,
                          axis_name: Optional[str] = None, eps: float = 1e-6):
@@ -321,14 +336,9 @@ def clip_by_running_norm(grads, state: RunningNormClipState, *, rel_thresh: floa
 
     Returns ``(clipped_grads, new_state)``.
     """
-    leaves = jax.tree.leaves(grads)
-    if not leaves:
+    if not jax.tree.leaves(grads):
         return grads, state
-    sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
-    if axis_name is not None:
-        n_dev = jax.lax.psum(1, axis_name)
-        sq = jax.lax.psum(sq, axis_name) / (n_dev * n_dev)
-    norm = jnp.sqrt(sq)
+    norm = sharded_output_norm(grads, axis_name)
     scale = 1.0 + rel_thresh
     max_norm = state.max_norm.astype(jnp.float32)
     fresh = max_norm <= 0.0

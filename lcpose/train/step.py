@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lcpose.train.optim import clip_by_running_norm
+from lcpose.train.optim import clip_by_running_norm, sharded_output_norm
 from lcpose.train.state import TrainState, eval_params
 
 __all__ = [
@@ -124,7 +124,9 @@ def make_train_step(model_apply: Union[ModelApply, nn.Module], loss_fn: LossFn,
       cotangent_metrics_fn: optional ``f(outputs, output_grads, batch) -> metrics`` evaluated on
         the (clipped) output gradients, e.g. gradient-correctness statistics.
 
-    Metrics always include ``loss`` and ``grad_norm`` (global norm of the averaged gradient).
+    Metrics always include ``loss`` and ``grad_norm`` (global norm of the averaged gradient),
+    and for dict outputs ``grad/<name>_norm``: the norm of the (clipped) gradient w.r.t. each
+    output over the global batch.
     """
     apply = _as_apply(model_apply)
     clip_cfg = {str(k): dict(v or {}) for k, v in (output_clip or {}).items()}
@@ -164,6 +166,11 @@ def make_train_step(model_apply: Union[ModelApply, nn.Module], loss_fn: LossFn,
                 out_grads = out_grads.copy(clipped)
             else:
                 out_grads = type(out_grads)({**out_grads, **clipped})
+        if isinstance(out_grads, Mapping):
+            # which output the (clipped) gradient enters through: spikes show where they start
+            for name, g in out_grads.items():
+                if jnp.issubdtype(jnp.result_type(g), jnp.inexact):
+                    metrics[f"grad/{name}_norm"] = sharded_output_norm(g, axis_name)
         if cotangent_metrics_fn is not None:
             metrics.update(cotangent_metrics_fn(outputs, out_grads, batch))
 
