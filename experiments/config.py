@@ -35,11 +35,16 @@ class ExperimentConfig:
       (epochs x examples // batch_size) once the dataset is known.
     pose_weight / pose_loss_start_step (None: 0.25 of the steps, at most 2000):
       the pose-loss weight and blend (see lcpose.train.objective).
+    pose_blend_fractions: (start, full) as fractions of the run's steps, overriding
+      pose_loss_start_step: the blend of the pose loss starts at ``start`` (the reference's
+      ``loss_pose_nz_step``) and is complete at ``full``.
     grad_metric_every: gradient-correctness measurement interval (steps).
     eval_batch_size / boxes / pnp: evaluation (boxes "detections" or "gt").
     synthetic: arguments of ``ensure_synthetic_tfds`` for the embedded dataset.
     per_object: train one network per object (the LC reference's LM-O protocol, one run per
       object id) instead of one class-agnostic network for all objects.
+    pose_points: which sampled pixels enter the pose loss, "all" (the paper) or "mask" (the
+      ground-truth visible mask; ``lcpose.train.objective.ObjectiveConfig.pose_points``).
     objects: the objects to train and test (None: ``train.obj_ids``, else all of the dataset).
     """
 
@@ -57,6 +62,8 @@ class ExperimentConfig:
     synthetic: Tuple[Tuple[str, int], ...] = ()
     per_object: bool = False
     objects: Optional[Tuple[int, ...]] = None
+    pose_points: str = "all"
+    pose_blend_fractions: Optional[Tuple[float, float]] = None
 
     def replace(self, **kw) -> "ExperimentConfig":
         return dataclasses.replace(self, **kw)
@@ -72,8 +79,10 @@ CPU = ExperimentConfig(
         batch_size=16, total_steps=2400, learning_rate=2e-3, weight_decay=1e-4,
         warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
         train_split="train_pbr", color_aug_prob=0.0, bg_switch_prob=0.0, worker_count=2,
+        clip_scale_grad=True, clip_points_grad=True,
         log_every=10, ckpt_every=800, keep_checkpoints=2),
     pose_loss_start_step=None,
+    pose_blend_fractions=(0.5, 0.75),
     grad_metric_every=10,
     # One small network per object, as the LC reference trains LM-O: from random initialisation
     # a class-agnostic CPU-sized network does not learn the coordinates of 8 objects in minutes
@@ -85,7 +94,8 @@ CPU = ExperimentConfig(
     eval_batch_size=32,
     boxes="detections",
     # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)
-    pnp=PnPConfig(threshold_px=0.5),
+    pnp=PnPConfig(threshold_px=0.5, use_mask=True),
+    pose_points="mask",
 )
 
 PAPER = ExperimentConfig(
@@ -134,9 +144,18 @@ def get_config(name: str) -> ExperimentConfig:
 
 def pose_loss_start(cfg: ExperimentConfig, total_steps: int) -> int:
     """The step from which the pose loss is fully on (see ``ExperimentConfig``)."""
+    if cfg.pose_blend_fractions is not None:
+        return int(max(1, round(cfg.pose_blend_fractions[1] * total_steps)))
     if cfg.pose_loss_start_step is not None:
         return int(cfg.pose_loss_start_step)
     return int(min(2000, max(1, round(0.25 * total_steps))))
+
+
+def pose_loss_nonzero(cfg: ExperimentConfig, total_steps: int) -> int:
+    """The step at which the pose loss's blend starts (see ``ExperimentConfig``)."""
+    if cfg.pose_blend_fractions is None:
+        return 0
+    return int(min(round(cfg.pose_blend_fractions[0] * total_steps), pose_loss_start(cfg, total_steps)))
 
 
 def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int) -> ObjectiveConfig:
@@ -146,5 +165,7 @@ def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int) -> Obje
     spec = dict(VARIANTS[variant])
     return ObjectiveConfig(pose_weight=cfg.pose_weight,
                            pose_loss_start_step=pose_loss_start(cfg, total_steps),
+                           pose_loss_nonzero_step=pose_loss_nonzero(cfg, total_steps),
+                           pose_points=cfg.pose_points,
                            grad_metric_every=cfg.grad_metric_every if spec["pose_loss"] != "none" else 0,
                            **spec)

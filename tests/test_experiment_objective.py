@@ -55,8 +55,10 @@ def example():
     return outputs, batch, (lo, hi)
 
 
-def _expected(outputs, batch, lo, hi, step, start, pose_weight=0.02):
-    """The objective written out with numpy + lc_loss (stride 1: every pixel, no random offset)."""
+def _expected(outputs, batch, lo, hi, step, start, pose_weight=0.02, mask_points=False):
+    """The objective written out with numpy + lc_loss (stride 1: every pixel, no random offset).
+
+    mask_points: pixels outside the visible mask get weight 0 in the pose loss."""
     o = {k: np.asarray(v) for k, v in outputs.items()}
     b = {k: np.asarray(v) for k, v in batch.items()}
     ext, ctr = hi - lo, 0.5 * (lo + hi)
@@ -70,6 +72,8 @@ def _expected(outputs, batch, lo, hi, step, start, pose_weight=0.02):
     for i in range(o["xyz"].shape[0]):
         x3d = (ctr + ext * o["xyz"][i]).reshape(-1, 3)
         w2d = np.asarray(spatial_softmax_weights(o["weight_logits"][i], o["log_scale"][i])).reshape(-1, 2)
+        if mask_points:
+            w2d = w2d * b["mask_visib"][i].reshape(-1, 1)
         poses.append(float(_lc(x2d, x3d, w2d, b["K_out"][i], b["R"][i], b["t"][i], b["bbox3d"][i]).loss))
     l_pose = np.mean(poses)
     f = min(max((step + 1) / (start + 1e-5), 0.0), 1.0)
@@ -90,6 +94,20 @@ def test_loss_composition_matches_formula(example):
         np.testing.assert_allclose(float(m["pose_blend"]), parts["f"], rtol=1e-6)
         assert {"lc/e_cov", "lc/e_prior", "lc/e_linear", "pose_nonfinite"} <= set(m)
     assert parts["f"] == 1.0
+
+
+def test_pose_points_inside_the_mask(example):
+    """pose_points="mask": the pose loss sees only the visible pixels (the others weigh 0)."""
+    outputs, batch, (lo, hi) = example
+    cfg = ObjectiveConfig(pose_loss="lc", stride=1, pose_loss_start_step=20, pose_points="mask")
+    loss, m = jax.jit(make_objective(cfg))(outputs, batch, jax.random.PRNGKey(3), jnp.asarray(40))
+    want, parts = _expected(outputs, batch, lo, hi, 40, 20, mask_points=True)
+    _, parts_all = _expected(outputs, batch, lo, hi, 40, 20)
+    np.testing.assert_allclose(float(m["loss/pose"]), parts["pose"], rtol=1e-7)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-7)
+    assert abs(parts["pose"] - parts_all["pose"]) > 1e-3        # the mask changes the loss
+    with pytest.raises(ValueError, match="pose_points"):
+        ObjectiveConfig(pose_points="visible")
 
 
 def test_baseline_trains_weights_by_mask_bce_only(example):
@@ -144,6 +162,14 @@ def test_scale_branch_and_blend_and_config_checks():
     np.testing.assert_allclose(float(pose_blend_factor(0, 2000)), 1 / 2000, rtol=1e-5)
     assert float(pose_blend_factor(1998, 2000)) < 1.0 and float(pose_blend_factor(1999, 2000)) == 1.0
     assert float(pose_blend_factor(0, 0)) == 1.0
+    # the reference's loss_pose_nz_step: nothing before it, then linear up to the start step
+    assert float(pose_blend_factor(98, 200, 100)) == 0.0
+    np.testing.assert_allclose(float(pose_blend_factor(149, 200, 100)), 0.5, rtol=1e-6)
+    # (the reference's 1e-5 leaves 1 - 1e-7 at step 199; full from step 200)
+    np.testing.assert_allclose(float(pose_blend_factor(199, 200, 100)), 1.0, rtol=1e-6)
+    assert float(pose_blend_factor(200, 200, 100)) == 1.0
+    with pytest.raises(ValueError, match="pose_loss_nonzero_step"):
+        ObjectiveConfig(pose_loss_start_step=10, pose_loss_nonzero_step=20)
     ext, ctr = box_extent_center(jnp.asarray(geometry.bbox3d_corners(np.array([-1.0, -2, -3]), np.array([3.0, 2, 1]))))
     np.testing.assert_allclose(ext, [4, 4, 4])
     np.testing.assert_allclose(ctr, [1, 0, -1])
@@ -165,3 +191,22 @@ def test_scale_branch_and_blend_and_config_checks():
         TrainConfig(color_aug_prob=1.5)
     with pytest.raises(ValueError, match="bg_switch_prob"):
         TrainConfig(bg_switch_prob=-0.1)
+    from lcpose.train.loop import output_clips
+
+    # the reference's clippers: weight logits (rel 0.7, on), weight scale and points (rel 2, opt-in)
+    assert output_clips(TrainConfig()) == (("weight_logits", 0.7),)
+    assert output_clips(TrainConfig(clip_weight_logits=False, clip_scale_grad=True, clip_points_grad=True)) \
+        == (("log_scale", 2.0), ("xyz", 2.0))
+
+
+def test_experiment_configs_objectives():
+    """What `python -m experiments.lmo_gdr` trains: the paper's blend, and the CPU config's."""
+    from experiments.config import CONFIGS, objective_for
+
+    paper = objective_for(CONFIGS["paper"], "lc", 24000)
+    assert (paper.pose_loss_start_step, paper.pose_loss_nonzero_step, paper.pose_points) == (2000, 0, "all")
+    cpu = objective_for(CONFIGS["cpu"], "lc", 2400)
+    assert (cpu.pose_loss_start_step, cpu.pose_loss_nonzero_step, cpu.pose_points) == (1800, 1200, "mask")
+    assert objective_for(CONFIGS["cpu"], "lc", 100).pose_loss_nonzero_step == 50   # --steps scales it
+    assert CONFIGS["cpu"].pnp.use_mask and not CONFIGS["paper"].pnp.use_mask
+    assert objective_for(CONFIGS["cpu"], "baseline", 2400).pose_loss == "none"

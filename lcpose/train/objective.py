@@ -13,7 +13,8 @@ and center come from the example's ``bbox3d``)::
     L_mask = mean over (h, w) of BCE(mask_logits, m)
     L_wbce = mean over (h, w, 2) of BCE(weight_logits, m)                      (both channels)
     L_pose = the pose loss on the dense correspondences (below)
-    f      = clip((step + 1) / (pose_loss_start_step + 1e-5), 0, 1)
+    f      = clip((step - n + 1) / (pose_loss_start_step - n + 1e-5), 0, 1),
+             n = pose_loss_nonzero_step (0 unless set)
     loss   = xyz_weight L_xyz + mask_weight L_mask
              + pose_weight (f L_pose + (1 - f) L_wbce)
 
@@ -23,7 +24,8 @@ official code with ``w_loss_noc = 1``, ``w_loss_seg = 0.25``, ``w_loss_pose = 0.
 GDR-Net / the reference regress them), so it weighs every object alike whatever its size; the
 pose loss is blended in linearly from a BCE of the weight logits against the visible mask,
 which (through the spatial softmax) first pulls the weights onto the visible object; the blend
-reaches 1 at step ``pose_loss_start_step - 1``. ``pose_loss="none"`` (the "baseline"
+reaches 1 at step ``pose_loss_start_step - 1`` (``pose_loss_nonzero_step``, the reference's
+``loss_pose_nz_step``, delays its start: before it only the weight BCE acts). ``pose_loss="none"`` (the "baseline"
 variant) keeps ``f = 0`` for the whole run: the weights are only trained to cover the visible
 mask, so the same test-time pipeline (top 30 % weights, weighted PnP) applies to both variants
 and the only difference between them is the PnP loss.
@@ -94,6 +96,8 @@ class ObjectiveConfig:
       uses pose_weight 0.03).
     pose_loss_start_step: the pose loss is fully on from this step (2000 in the paper), blended
       in linearly from the weight-logit BCE before it. 0: on from the first step.
+    pose_loss_nonzero_step: the blend starts here (the reference's ``loss_pose_nz_step``; 0 in
+      its configurations): before it the weights are trained by the weight BCE alone.
     stride: correspondence sampling stride on the output map (2: 1024 points on 64x64).
     loss_kwargs: keyword arguments of the pose loss, as a tuple of (name, value) pairs or a
       mapping (normalised to sorted pairs), e.g. (("use_prior", False),).
@@ -101,6 +105,12 @@ class ObjectiveConfig:
     xyz_norm: "all" -- L_xyz is the mean over all h w 3 elements (the LC reference);
       "mask" -- the sum over the visible pixels divided by 3 x their number (GDR-Net's
       normalisation; a stronger xyz signal relative to the mask terms).
+    pose_points: "all" -- every sampled pixel enters the pose loss (the LC reference);
+      "mask" -- only those inside the ground-truth visible mask (the others get weight 0), so
+      the pose loss cannot lean on background pixels, whose 3D points no surrogate loss
+      supervises. Pair it with ``PnPConfig(use_mask=True)`` at test time (the reference's
+      "quantile_in_mask" selection). Used by the CPU configuration: on 16x16 maps the LC loss
+      otherwise moves the weights onto one fixed pixel near the crop centre (see BUILD.md).
     """
 
     pose_loss: str = "lc"
@@ -108,10 +118,12 @@ class ObjectiveConfig:
     xyz_weight: float = 1.0
     mask_weight: float = 0.25
     pose_loss_start_step: int = 2000
+    pose_loss_nonzero_step: int = 0
     stride: int = 2
     loss_kwargs: Any = ()
     grad_metric_every: int = 0
     xyz_norm: str = "all"
+    pose_points: str = "all"
 
     def __post_init__(self):
         if self.pose_loss not in POSE_LOSSES:
@@ -122,12 +134,17 @@ class ObjectiveConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
         if int(self.pose_loss_start_step) < 0:
             raise ValueError(f"pose_loss_start_step must be >= 0, got {self.pose_loss_start_step}")
+        if not 0 <= int(self.pose_loss_nonzero_step) <= max(int(self.pose_loss_start_step), 0):
+            raise ValueError(f"pose_loss_nonzero_step must be in [0, pose_loss_start_step="
+                             f"{self.pose_loss_start_step}], got {self.pose_loss_nonzero_step}")
         if not isinstance(self.stride, int) or self.stride < 1:
             raise ValueError(f"stride must be a positive int, got {self.stride!r}")
         if int(self.grad_metric_every) < 0:
             raise ValueError(f"grad_metric_every must be >= 0, got {self.grad_metric_every}")
         if self.xyz_norm not in ("all", "mask"):
             raise ValueError(f"xyz_norm must be 'all' or 'mask', got {self.xyz_norm!r}")
+        if self.pose_points not in ("all", "mask"):
+            raise ValueError(f"pose_points must be 'all' or 'mask', got {self.pose_points!r}")
         object.__setattr__(self, "loss_kwargs", _items(self.loss_kwargs))
         if self.pose_loss == "none" and self.loss_kwargs:
             raise ValueError("loss_kwargs given but pose_loss='none'")
@@ -151,10 +168,12 @@ def uses_scale_branch(cfg: ObjectiveConfig) -> bool:
     return True
 
 
-def pose_blend_factor(step, start_step: int):
-    """f = clip((step + 1) / (start_step + 1e-5), 0, 1), the LC reference's blend of the pose loss."""
+def pose_blend_factor(step, start_step: int, nonzero_step: int = 0):
+    """f = clip((step - n + 1) / (start_step - n + 1e-5), 0, 1) with n = nonzero_step: the LC
+    reference's blend of the pose loss (0 before step n - 1, 1 from step start_step - 1)."""
     step = jnp.asarray(step, jnp.float32)
-    return jnp.clip((step + 1.0) / (float(start_step) + 1e-5), 0.0, 1.0)
+    n = float(nonzero_step)
+    return jnp.clip((step - n + 1.0) / (max(float(start_step) - n, 0.0) + 1e-5), 0.0, 1.0)
 
 
 def box_extent_center(bbox3d):
@@ -164,15 +183,19 @@ def box_extent_center(bbox3d):
     return hi - lo, 0.5 * (lo + hi)
 
 
-def dense_correspondences(key, xyz_norm, weight_logits, log_scale, bbox3d, stride: int = 2):
+def dense_correspondences(key, xyz_norm, weight_logits, log_scale, bbox3d, stride: int = 2,
+                          mask=None):
     """Training correspondences of ONE example: (x3d mm (N, 3), x2d px (N, 2), w2d (N, 2)).
 
     xyz_norm (h, w, 3) normalised coordinates, weight_logits (h, w, 2), log_scale (2,),
-    bbox3d (8, 3). The weights are built from the logits (see the module docstring).
+    bbox3d (8, 3). The weights are built from the logits (see the module docstring). With
+    ``mask`` (h, w), pixels outside it get weight 0 (``ObjectiveConfig.pose_points="mask"``).
     """
     extent, center = box_extent_center(bbox3d)
     xyz_mm = center + extent * xyz_norm
     w2d = spatial_softmax_weights(weight_logits, log_scale)
+    if mask is not None:
+        w2d = w2d * (jnp.asarray(mask) > 0).astype(w2d.dtype)[..., None]
     return dense_grid_correspondences(key, xyz_mm, w2d, stride=stride)
 
 
@@ -245,9 +268,11 @@ def make_objective(cfg: ObjectiveConfig):
 
         B = xyz.shape[0]
         k_corr, k_pose = jax.random.split(rng)
+        point_mask = mask if cfg.pose_points == "mask" else None
         x3d, x2d, w2d = jax.vmap(
-            lambda k, x, l, s, b: dense_correspondences(k, x, l, s, b, cfg.stride)
-        )(jax.random.split(k_corr, B), xyz, wl, outputs["log_scale"], bbox3d)
+            lambda k, x, l, s, b, m: dense_correspondences(k, x, l, s, b, cfg.stride, m),
+            in_axes=(0, 0, 0, 0, 0, None if point_mask is None else 0),
+        )(jax.random.split(k_corr, B), xyz, wl, outputs["log_scale"], bbox3d, point_mask)
         K = jnp.asarray(batch["K_out"], dtype)
         R = jnp.asarray(batch["R"], dtype)
         t = jnp.asarray(batch["t"], dtype)
@@ -256,7 +281,7 @@ def make_objective(cfg: ObjectiveConfig):
         per_example = jax.vmap(pose_fn)
         l_pose_b, terms = per_example(pose_keys, x2d, x3d, w2d, K, R, t, bbox3d)
         l_pose, n_bad = _mean_finite(l_pose_b)
-        f = pose_blend_factor(step, cfg.pose_loss_start_step).astype(dtype)
+        f = pose_blend_factor(step, cfg.pose_loss_start_step, cfg.pose_loss_nonzero_step).astype(dtype)
         loss = loss + cfg.pose_weight * (f * l_pose + (1.0 - f) * l_wbce)
         metrics.update({"loss/pose": l_pose, "pose_blend": f, "pose_nonfinite": n_bad})
         for k, v in terms.items():
