@@ -53,8 +53,8 @@ def rotation_error_deg(R, R_gt):
     return np.asarray(jax.vmap(metrics.rotation_error_deg)(R, R_gt))
 
 
-def time_call(fn, *, repeats=5, warmup=1):
-    """Median wall time (s) of fn() over `repeats` runs after `warmup` runs (fn must block)."""
+def time_calls(fn, *, repeats=5, warmup=1):
+    """Wall times (s) of `repeats` runs of fn() after `warmup` runs (fn must block)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -62,7 +62,12 @@ def time_call(fn, *, repeats=5, warmup=1):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return np.asarray(times)
+
+
+def time_call(fn, *, repeats=5, warmup=1):
+    """Median wall time (s) of fn() over `repeats` runs after `warmup` runs (fn must block)."""
+    return float(np.median(time_calls(fn, repeats=repeats, warmup=warmup)))
 
 
 def emit(result: dict):

@@ -3,7 +3,7 @@
     python -m bench.losses [--batch 32] [--points 1024] [--epro-points 512] [--dtype float32]
 
 Each loss is vmapped over the batch; the timed step is `jax.value_and_grad` of the batch-mean loss
-w.r.t. (x2d, x3d, w2d), jitted, after compilation, median of `--repeats` runs. The correspondences
+w.r.t. (x2d, x3d, w2d), jitted, after compilation, median (and quartiles) of `--repeats` runs. The correspondences
 are dense-map-like: N points of a synthetic object, in the pixels of a 64x64 zoom-in crop with its
 intrinsics K_out, 1.5 px image noise. EPro-PnP runs on a random subset of `--epro-points` points
 (512, as its paper does) with 4 x 128 AMIS samples. Prints one JSON object to stdout.
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import LMO_K, emit, log, pnp_scenes, time_call
+from bench.common import LMO_K, emit, log, pnp_scenes, time_calls
 from lcpose import geometry
 from lcpose.losses.bpnp import bpnp_loss
 from lcpose.losses.epropnp import epropnp_loss
@@ -51,11 +51,14 @@ def _timed(name, step, args, repeats):
     t0 = time.perf_counter()
     out = jax.block_until_ready(step(*args))
     compile_s = time.perf_counter() - t0
-    sec = time_call(lambda: jax.block_until_ready(step(*args)), repeats=repeats)
+    ms = 1e3 * time_calls(lambda: jax.block_until_ready(step(*args)), repeats=repeats)
     loss, grads = out
     finite = bool(np.isfinite(np.asarray(loss)) and all(np.all(np.isfinite(np.asarray(g))) for g in grads))
-    log(f"{name}: {1e3 * sec:.1f} ms fwd+bwd")
-    return {"fwd_bwd_ms": 1e3 * sec, "first_call_s": compile_s, "loss": float(loss), "finite": finite}
+    med = float(np.median(ms))
+    log(f"{name}: {med:.1f} ms fwd+bwd (median of {repeats})")
+    # the quartiles show how much of a figure is this machine's noise (VMs vary by +-30 %)
+    return {"fwd_bwd_ms": med, "fwd_bwd_ms_quartiles": [round(float(q), 3) for q in np.percentile(ms, [25, 75])],
+            "repeats": repeats, "first_call_s": compile_s, "loss": float(loss), "finite": finite}
 
 
 def main(argv=None):
@@ -64,7 +67,8 @@ def main(argv=None):
     p.add_argument("--points", type=int, default=1024)
     p.add_argument("--epro-points", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per loss (default: 50 LC, 15 BPnP, 7 EPro-PnP: about 1 s each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses", default="lc,bpnp,epropnp", help="comma-separated subset")
     args = p.parse_args(argv)
@@ -85,23 +89,26 @@ def main(argv=None):
 
         return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1, 2)))
 
+    def reps(name):
+        return args.repeats if args.repeats is not None else {"lc": 50, "bpnp": 15, "epropnp": 7}[name]
+
     results = {}
     if "lc" in which:
         if lc_loss is None:
             results["lc"] = {"missing": _LC_IMPORT_ERROR}
         else:
             f = jax.vmap(lambda a, b, c, k, r, tt, bb: lc_loss(a, b, c, k, r, tt, bb).loss)
-            results["lc"] = _timed("lc", timed_loss(lambda a, b, c: f(a, b, c, K, R, t, bbox)), diff, args.repeats)
+            results["lc"] = _timed("lc", timed_loss(lambda a, b, c: f(a, b, c, K, R, t, bbox)), diff, reps("lc"))
     if "bpnp" in which:
         f = jax.vmap(lambda a, b, c, k, r, tt, bb: bpnp_loss(a, b, c, k, r, tt, bb).loss)
-        results["bpnp"] = _timed("bpnp", timed_loss(lambda a, b, c: f(a, b, c, K, R, t, bbox)), diff, args.repeats)
+        results["bpnp"] = _timed("bpnp", timed_loss(lambda a, b, c: f(a, b, c, K, R, t, bbox)), diff, reps("bpnp"))
     if "epropnp" in which:
         n_pts = min(args.epro_points, N)
         f = jax.vmap(
             lambda key, a, b, c, k, r, tt: epropnp_loss(key, a, b, c, k, r, tt, num_points=n_pts).loss
         )
         results["epropnp"] = _timed(
-            "epropnp", timed_loss(lambda a, b, c: f(keys, a, b, c, K, R, t)), diff, args.repeats
+            "epropnp", timed_loss(lambda a, b, c: f(keys, a, b, c, K, R, t)), diff, reps("epropnp")
         )
         results["epropnp"].update({"points": n_pts, "samples": 512})
 
@@ -119,7 +126,6 @@ def main(argv=None):
         "batch": B,
         "points": N,
         "dtype": args.dtype,
-        "repeats": args.repeats,
         **results,
     }
     if "lc" in results and "fwd_bwd_ms" in results["lc"]:

@@ -109,8 +109,9 @@ class ObjectiveConfig:
       "mask" -- only those inside the ground-truth visible mask (the others get weight 0), so
       the pose loss cannot lean on background pixels, whose 3D points no surrogate loss
       supervises. Pair it with ``PnPConfig(use_mask=True)`` at test time (the reference's
-      "quantile_in_mask" selection). Used by the CPU configuration: on 16x16 maps the LC loss
-      otherwise moves the weights onto one fixed pixel near the crop centre (see BUILD.md).
+      "quantile_in_mask" selection). Used by the CPU configuration, where the LC loss otherwise
+      puts part of the weight on background pixels that do not carry over to test crops
+      (BUILD.md, "The main job").
     """
 
     pose_loss: str = "lc"
