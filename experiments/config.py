@@ -65,6 +65,15 @@ class ExperimentConfig:
     pose_points: str = "all"
     pose_blend_fractions: Optional[Tuple[float, float]] = None
 
+    def __post_init__(self):
+        if self.pose_points not in ("all", "mask"):
+            raise ValueError(f"pose_points must be 'all' or 'mask', got {self.pose_points!r}")
+        if self.pose_blend_fractions is not None:
+            a, b = (float(x) for x in self.pose_blend_fractions)
+            if not 0.0 <= a <= b <= 1.0:
+                raise ValueError("pose_blend_fractions must be (start, full) with "
+                                 f"0 <= start <= full <= 1, got {self.pose_blend_fractions}")
+
     def replace(self, **kw) -> "ExperimentConfig":
         return dataclasses.replace(self, **kw)
 

@@ -210,3 +210,7 @@ def test_experiment_configs_objectives():
     assert objective_for(CONFIGS["cpu"], "lc", 100).pose_loss_nonzero_step == 50   # --steps scales it
     assert CONFIGS["cpu"].pnp.use_mask and not CONFIGS["paper"].pnp.use_mask
     assert objective_for(CONFIGS["cpu"], "baseline", 2400).pose_loss == "none"
+    with pytest.raises(ValueError, match="pose_blend_fractions"):
+        CONFIGS["cpu"].replace(pose_blend_fractions=(0.8, 0.5))
+    with pytest.raises(ValueError, match="pose_points"):
+        CONFIGS["cpu"].replace(pose_points="visible")
