@@ -22,7 +22,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 from lcpose.evaluate import PnPConfig
 from lcpose.train.loop import TrainConfig
-from lcpose.train.objective import ObjectiveConfig
+from lcpose.train.objective import ObjectiveConfig, check_pose_points
 
 __all__ = ["ExperimentConfig", "CONFIGS", "VARIANTS", "objective_for", "get_config"]
 
@@ -66,8 +66,7 @@ class ExperimentConfig:
     pose_blend_fractions: Optional[Tuple[float, float]] = None
 
     def __post_init__(self):
-        if self.pose_points not in ("all", "mask"):
-            raise ValueError(f"pose_points must be 'all' or 'mask', got {self.pose_points!r}")
+        check_pose_points(self.pose_points)
         if self.pose_blend_fractions is not None:
             a, b = (float(x) for x in self.pose_blend_fractions)
             if not 0.0 <= a <= b <= 1.0:

@@ -69,6 +69,7 @@ from lcpose.models import spatial_softmax_weights
 __all__ = [
     "ObjectiveConfig",
     "POSE_LOSSES",
+    "POSE_POINTS",
     "make_objective",
     "pose_blend_factor",
     "uses_scale_branch",
@@ -77,6 +78,7 @@ __all__ = [
 ]
 
 POSE_LOSSES = ("none", "lc", "bpnp", "epropnp")
+POSE_POINTS = ("all", "mask")   # ObjectiveConfig.pose_points
 
 
 def _items(d) -> Tuple[Tuple[str, Any], ...]:
@@ -144,8 +146,7 @@ class ObjectiveConfig:
             raise ValueError(f"grad_metric_every must be >= 0, got {self.grad_metric_every}")
         if self.xyz_norm not in ("all", "mask"):
             raise ValueError(f"xyz_norm must be 'all' or 'mask', got {self.xyz_norm!r}")
-        if self.pose_points not in ("all", "mask"):
-            raise ValueError(f"pose_points must be 'all' or 'mask', got {self.pose_points!r}")
+        check_pose_points(self.pose_points)
         object.__setattr__(self, "loss_kwargs", _items(self.loss_kwargs))
         if self.pose_loss == "none" and self.loss_kwargs:
             raise ValueError("loss_kwargs given but pose_loss='none'")
@@ -153,6 +154,12 @@ class ObjectiveConfig:
     @property
     def kwargs(self) -> dict:
         return dict(self.loss_kwargs)
+
+
+def check_pose_points(pose_points: str) -> None:
+    """ValueError naming ``pose_points`` unless it is one of POSE_POINTS."""
+    if pose_points not in POSE_POINTS:
+        raise ValueError(f"pose_points must be one of {POSE_POINTS}, got {pose_points!r}")
 
 
 def uses_scale_branch(cfg: ObjectiveConfig) -> bool:
