@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import LMO_K, emit, log, pnp_scenes, rotation_error_deg, time_call
+from bench.common import LMO_K, emit, log, pnp_scenes, random_rotations, rotation_error_deg, time_call
 from lcpose import pnp
 
 
@@ -35,6 +35,84 @@ def opencv_solve(x3d, x2d, K, flag=cv2.SOLVEPNP_ITERATIVE):
         Rs.append(cv2.Rodrigues(rvec)[0])
         ts.append(tvec.ravel())
     return np.stack(Rs), np.stack(ts)
+
+
+# Real-shaped objects for the RANSAC comparison (sizes in mm): an elongated box, LM-O's glue-like
+# 180 x 60 x 40, and a small cylinder, LM-O's ape/can-like, radius 35 and height 80.
+OBJECT_SHAPES = {"elongated": ("box", (180.0, 60.0, 40.0)), "small": ("cylinder", (35.0, 80.0))}
+
+
+def _surface_points(rng, shape, dims, n):
+    """n points uniform on the surface of a centred box (dims = sizes) or z-axis cylinder
+    (dims = radius, height), with their outward normals: (n, 3), (n, 3)."""
+    if shape == "box":
+        half = np.asarray(dims) / 2.0
+        areas = np.array([dims[1] * dims[2], dims[0] * dims[2], dims[0] * dims[1]] * 2)
+        face = rng.choice(6, size=n, p=areas / areas.sum())
+        axis, sign = face % 3, np.where(face < 3, 1.0, -1.0)
+        p = rng.uniform(-half, half, size=(n, 3))
+        p[np.arange(n), axis] = sign * half[axis]
+        nrm = np.zeros((n, 3))
+        nrm[np.arange(n), axis] = sign
+        return p, nrm
+    r, h = dims
+    side, cap = 2 * np.pi * r * h, np.pi * r * r
+    part = rng.choice(3, size=n, p=np.array([side, cap, cap]) / (side + 2 * cap))
+    phi = rng.uniform(0, 2 * np.pi, n)
+    rad = np.where(part == 0, r, r * np.sqrt(rng.uniform(0, 1, n)))
+    z = np.where(part == 0, rng.uniform(-h / 2, h / 2, n), np.where(part == 1, h / 2, -h / 2))
+    p = np.stack([rad * np.cos(phi), rad * np.sin(phi), z], -1)
+    nrm = np.where(
+        (part == 0)[:, None],
+        np.stack([np.cos(phi), np.sin(phi), np.zeros(n)], -1),
+        np.stack([np.zeros(n), np.zeros(n), np.where(part == 1, 1.0, -1.0)], -1),
+    )
+    return p, nrm
+
+
+def object_scenes(rng, batch, n, obj="elongated", *, noise_px=1.5, outlier_rate=0.3, z_range=(500.0, 1400.0), K=LMO_K):
+    """RANSAC scenes on a real-shaped object: n correspondences on the camera-facing surface
+    (what a dense correspondence network predicts), random rotations, depth in z_range, noise_px
+    Gaussian noise per axis, and outlier_rate of the 2D points replaced by junk drawn uniformly in
+    the object's 2D box grown by half its size on each side ("around the object").
+
+    Returns x3d (B, N, 3), x2d (B, N, 2), R (B, 3, 3), t (B, 3), outlier mask (B, N); float64.
+    """
+    shape, dims = OBJECT_SHAPES[obj]
+    R = random_rotations(rng, batch)
+    z = rng.uniform(*z_range, size=batch)
+    t = np.stack([rng.uniform(-0.2, 0.2, batch) * z, rng.uniform(-0.15, 0.15, batch) * z, z], -1)
+    x3d = np.empty((batch, n, 3))
+    for b in range(batch):  # scene generation only; the solvers never loop over instances
+        p, nrm = _surface_points(rng, shape, dims, 4 * n)
+        xc = p @ R[b].T + t[b]
+        facing = np.einsum("ij,nj,ni->n", R[b], nrm, xc) < 0  # normal points towards the camera
+        pts = p[facing]
+        x3d[b] = pts[rng.choice(len(pts), size=n, replace=len(pts) < n)]
+    xc = np.einsum("bij,bnj->bni", R, x3d) + t[:, None, :]
+    uvw = xc @ K.T
+    uv = uvw[..., :2] / uvw[..., 2:3]
+    lo, hi = uv.min(1), uv.max(1)
+    lo, hi = lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)
+    x2d = uv + rng.normal(size=(batch, n, 2)) * noise_px
+    out = rng.random((batch, n)) < outlier_rate
+    junk = lo[:, None, :] + rng.random((batch, n, 2)) * (hi - lo)[:, None, :]
+    x2d = np.where(out[..., None], junk, x2d)
+    return x3d, x2d, R, t, out
+
+
+def opencv_ransac(x3d, x2d, K, **kwargs):
+    """cv2.solvePnPRansac at its defaults (ITERATIVE, 100 iterations, 8 px, confidence 0.99) on
+    each instance of a batch: (R (B, 3, 3), t (B, 3), success (B,)). kwargs go to OpenCV."""
+    Rs, ts, ok = [], [], []
+    for X, x in zip(x3d, x2d):
+        found, rvec, tvec, _ = cv2.solvePnPRansac(X, x, K, None, **kwargs)
+        if not found or rvec is None:
+            rvec, tvec = np.zeros(3), np.array([0.0, 0.0, 1.0])
+        Rs.append(cv2.Rodrigues(np.asarray(rvec, np.float64))[0])
+        ts.append(np.asarray(tvec, np.float64).ravel())
+        ok.append(bool(found))
+    return np.stack(Rs), np.stack(ts), np.asarray(ok)
 
 
 def main(argv=None):
