@@ -1,10 +1,24 @@
-"""PnP RANSAC: minimal-set EPnP hypotheses solved in parallel, MSAC scoring, LM refinement.
+"""PnP RANSAC: POSIT hypotheses on minimal sets, preemptive MSAC scoring, one robust LM refinement.
 
-All hypotheses of one instance are solved at once with `vmap` (no Python loop); the best one
-(MSAC score: sum of truncated squared reprojection errors) is refined by `solve` on its inliers,
-then the inliers are re-estimated at the refined pose and the pose refined once more (a local
-optimisation step in the spirit of LO-RANSAC). This is the paper's "PnP RANSAC"; its "PnP weighted"
-is `solve(..., R0=res.R, t0=res.t)` with the network's weights.
+Per instance, with no LAPACK call anywhere in the hypothesis stage (only element-wise work and
+small reductions, which XLA on CPU fuses across the batch and the hypotheses):
+
+1. One random permutation of the usable points; every hypothesis draws `sample_size` distinct
+   positions among them by Floyd's algorithm (a few random integers, not a draw over all N).
+2. Each sample gives a pose by POSIT (DeMenthon & Davis, IJCV 1995): the scaled orthographic
+   fit of the centred sample is a 3x3 linear solve (closed-form inverse); the perspective is
+   corrected by re-weighting the image coordinates with the estimated depths, a fixed number of
+   times. Non-coplanar samples only; near-coplanar ones are rejected by a scale-free test.
+3. Preemptive scoring: every hypothesis gets an MSAC score (sum of truncated squared
+   reprojection errors) on the same random subset of `score_points` usable points; the best one
+   is kept. The subset is large enough that the winner's score differs from the full-set score
+   only by sampling noise.
+4. One refinement: `solve` (Levenberg-Marquardt, Huber kernel) on the points within
+   `refine_factor * threshold_px` of the hypothesis; the inliers are then re-estimated at the
+   refined pose with `threshold_px`.
+
+This is the paper's "PnP RANSAC"; its "PnP weighted" is `solve(..., R0=res.R, t0=res.t)` with the
+network's weights.
 """
 from __future__ import annotations
 
@@ -15,19 +29,111 @@ import jax.numpy as jnp
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences
-from lcpose.pnp.epnp import _epnp_impl
 from lcpose.pnp.solver import PnPResult, solve
 
-__all__ = ["ransac"]
+__all__ = ["ransac", "posit"]
+
+
+def _reprojection_sq_t(x3d_t, x2d_t, K, R, t):
+    """Squared reprojection error per point (N,), points-last inputs (3, N), (2, N); inf behind
+    the camera or when not finite. Unrolled products (under vmap a tiny matmul is a slow batched
+    dot on CPU)."""
+    uvw = geometry.lincomb_points_last(geometry.lincomb_points_last(K, R), x3d_t) + geometry.lincomb_points_last(K, t[:, None])
+    z = uvw[2]
+    d = uvw[:2] / jnp.where(z > 0, z, 1.0) - x2d_t
+    err2 = d[0] * d[0] + d[1] * d[1]
+    return jnp.where((z > 0) & jnp.isfinite(err2), err2, jnp.inf)
 
 
 def _reprojection_sq(x3d, x2d, K, R, t):
-    xc = geometry.transform(x3d, R, t)
-    uvw = xc @ K.T
-    z = uvw[:, 2]
-    uv = uvw[:, :2] / jnp.where(jnp.abs(z) > 0, z, 1.0)[:, None]
-    err2 = jnp.sum((uv - x2d) ** 2, axis=1)
-    return jnp.where((xc[:, 2] > 0) & jnp.isfinite(err2), err2, jnp.inf)
+    return _reprojection_sq_t(x3d.T, x2d.T, K, R, t)
+
+
+def _inverse3(A):
+    """Inverse and determinant of a 3x3 matrix by its adjugate (no LAPACK)."""
+    c0 = jnp.cross(A[1], A[2])
+    c1 = jnp.cross(A[2], A[0])
+    c2 = jnp.cross(A[0], A[1])
+    det = jnp.dot(A[0], c0)
+    adj = jnp.stack([c0, c1, c2], axis=1)
+    return adj / jnp.where(det != 0, det, 1.0), det
+
+
+def _orthonormal_rows(a, b):
+    """The rotation whose first two rows are closest to the directions of a and b (symmetric in
+    a and b: both are moved by the same angle towards orthogonality), third row a x b."""
+    a = a / jnp.linalg.norm(a)
+    b = b / jnp.linalg.norm(b)
+    s, d = a + b, a - b
+    s = s / jnp.linalg.norm(s)
+    d = d / jnp.linalg.norm(d)
+    r1 = (s + d) * jnp.sqrt(0.5).astype(a.dtype)
+    r2 = (s - d) * jnp.sqrt(0.5).astype(a.dtype)
+    return jnp.stack([r1, r2, jnp.cross(r1, r2)])
+
+
+def posit(x3d, xn, w=None, *, iterations: int = 8):
+    """POSIT pose of a non-coplanar point set from normalised image coordinates.
+
+    Args:
+      x3d: (k, 3) object points, k >= 4 with non-zero weight, not coplanar.
+      xn: (k, 2) normalised image coordinates (K^-1 applied: x = X_c / Z_c).
+      w: optional (k,) non-negative point weights (0 = ignored); a fit of the scaled orthographic
+        model in weighted least squares.
+      iterations: perspective corrections (static); the error shrinks by about the ratio of the
+        object's depth extent to its distance per iteration.
+
+    Returns:
+      (R (3, 3), t (3,), ok): ok is False for (near-)coplanar sets and non-finite results.
+    """
+    dtype = x3d.dtype
+    k = x3d.shape[0]
+    w = jnp.ones((k,), dtype) if w is None else jnp.asarray(w, dtype)
+    wsum = jnp.maximum(jnp.sum(w), jnp.finfo(dtype).tiny)
+    wn = w / wsum
+    mean = wn @ x3d
+    xc = x3d - mean
+    scale = jnp.sqrt(wn @ jnp.sum(xc * xc, axis=1))
+    xs = xc / jnp.where(scale > 0, scale, 1.0)
+    # Scaled orthographic fit x_i (1 + eps_i) = I . xs_i + x0 (same for y with J, y0): with
+    # centred points the normal equations split into the 3x3 scatter and the means.
+    xs_w = xs * wn[:, None]
+    scatter = xs_w.T @ xs  # trace 1: the determinant test below is unit-free
+    scatter_inv, det = _inverse3(scatter)
+    ok = det > 1e-4  # isotropic sets have det 1/27; coplanar ones 0
+    pinv = scatter_inv @ xs_w.T  # (3, k)
+
+    def step(carry, _):
+        eps = carry[0]
+        rhs = xn * (1.0 + eps)[:, None]  # (k, 2)
+        IJ = pinv @ rhs  # (3, 2): I = r1 * scale / Tz, J = r2 * scale / Tz
+        x0 = wn @ rhs
+        nI, nJ = jnp.linalg.norm(IJ[:, 0]), jnp.linalg.norm(IJ[:, 1])
+        R = _orthonormal_rows(IJ[:, 0], IJ[:, 1])
+        tz = scale / jnp.sqrt(nI * nJ)
+        eps = (xs @ R[2]) * scale / tz
+        return (eps, R, tz, x0), None
+
+    init = (jnp.zeros((k,), dtype), jnp.eye(3, dtype=dtype), jnp.ones((), dtype), jnp.zeros((2,), dtype))
+    (_, R, tz, x0), _ = jax.lax.scan(step, init, None, length=iterations)
+    T = jnp.concatenate([x0 * tz, tz[None]])  # camera-frame position of the centroid
+    t = T - R @ mean
+    ok = ok & jnp.all(jnp.isfinite(R)) & jnp.all(jnp.isfinite(t)) & (tz > 0)
+    return R, t, ok
+
+
+def _floyd_sample(key, m, k, count):
+    """`count` samples of k distinct integers in [0, m) (Floyd's algorithm, unrolled over k)."""
+    keys = jax.random.split(key, k)
+    chosen = []
+    for j in range(k):
+        hi = m - k + j  # draw in [0, hi]; if taken, take hi itself (which cannot be taken yet)
+        r = jax.random.randint(keys[j], (count,), 0, jnp.maximum(hi, 0) + 1)
+        taken = jnp.zeros((count,), bool)
+        for c in chosen:
+            taken = taken | (c == r)
+        chosen.append(jnp.where(taken, hi, r))
+    return jnp.stack(chosen, axis=1)  # (count, k)
 
 
 def ransac(
@@ -38,11 +144,14 @@ def ransac(
     *,
     valid=None,
     w2d=None,
-    hypotheses: int = 128,
-    sample_size: int = 6,
-    threshold_px: float = 3.0,
+    hypotheses: int = 64,
+    sample_size: int = 5,
+    threshold_px: float = 4.0,
+    score_points: int = 256,
+    refine_factor: float = 2.0,
     huber: Optional[float] = None,
     iters: int = 30,
+    posit_iterations: int = 8,
 ) -> tuple[PnPResult, jax.Array]:
     """Robust PnP of one instance (vmap for batches; split the key per instance).
 
@@ -50,14 +159,21 @@ def ransac(
       key: a JAX PRNG key.
       x3d, x2d, K: (N, 3), (N, 2), (3, 3) as in `solve`.
       valid: optional (N,) mask of usable points.
-      w2d: optional (N, 2) weights used by the final refinement (inlier selection is unweighted).
+      w2d: optional (N, 2) weights used by the refinement (inlier selection is unweighted).
       hypotheses: number of minimal-set hypotheses, all solved in parallel (static).
-      sample_size: points per hypothesis (>= 4; 6 gives EPnP a well-posed minimal system).
-      threshold_px: inlier threshold on the reprojection error, in pixels.
-      huber, iters: passed to the refinement `solve`.
+      sample_size: points per hypothesis (>= 4, non-coplanar for POSIT).
+      threshold_px: inlier threshold on the reprojection error, in pixels (of the image K maps to).
+      score_points: size of the random subset of points every hypothesis is scored on (static;
+        min(N, score_points) are used).
+      refine_factor: the refinement uses the points within refine_factor * threshold_px of the
+        best hypothesis (a hypothesis from a few noisy points is less precise than the final pose).
+      huber: Huber threshold of the refinement on ||w_i r_i||; default threshold_px (with
+        unit weights).
+      iters: maximum LM iterations of the refinement.
+      posit_iterations: perspective corrections of each POSIT hypothesis.
 
     Returns:
-      (PnPResult of the refined pose, inliers (N,) bool at that pose).
+      (PnPResult of the refined pose, inliers (N,) bool at that pose within threshold_px).
     """
     n = check_correspondences(x3d, x2d, K, w2d=w2d, valid=valid)
     if sample_size < 4 or sample_size > n:
@@ -66,6 +182,10 @@ def ransac(
         raise ValueError(f"hypotheses must be >= 1, got {hypotheses}")
     if not threshold_px > 0:
         raise ValueError(f"threshold_px must be positive, got {threshold_px}")
+    if score_points < 1:
+        raise ValueError(f"score_points must be >= 1, got {score_points}")
+    if not refine_factor >= 1:
+        raise ValueError(f"refine_factor must be >= 1, got {refine_factor}")
     dtype = jnp.result_type(x3d, x2d, K)
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
@@ -74,29 +194,39 @@ def ransac(
     use = finite if valid is None else finite & (jnp.asarray(valid) > 0)
     x3d_s = jnp.where(use[:, None], x3d, 0.0)
     x2d_s = jnp.where(use[:, None], x2d, 0.0)
-    p = use.astype(dtype)
-    p = jnp.where(jnp.sum(p) > 0, p / jnp.maximum(jnp.sum(p), 1.0), jnp.full_like(p, 1.0 / n))
+    m = jnp.sum(use.astype(jnp.int32))
     thr2 = jnp.asarray(threshold_px, dtype) ** 2
-    ones_w = jnp.ones((sample_size, 2), dtype)
-    ones_v = jnp.ones((sample_size,), dtype)
 
-    def hypothesis(k):
-        idx = jax.random.choice(k, n, (sample_size,), replace=False, p=p)
-        R, t = _epnp_impl(x3d_s[idx], x2d_s[idx], K, ones_w, ones_v)
-        err2 = _reprojection_sq(x3d_s, x2d_s, K, R, t)
-        score = jnp.sum(jnp.where(use, jnp.minimum(err2, thr2), 0.0))  # MSAC
-        return R, t, score
+    key_subset, key_sample = jax.random.split(key)
+    # Rank r of the usable points -> point index, by binary search in their running count: no sort.
+    count = jnp.cumsum(use.astype(jnp.int32))
 
-    Rs, ts, scores = jax.vmap(hypothesis)(jax.random.split(key, hypotheses))
-    scores = jnp.where(jnp.isfinite(scores), scores, jnp.inf)
+    def point_index(rank):
+        return jnp.minimum(jnp.searchsorted(count, rank, side="right"), n - 1)
+
+    xh = geometry.lincomb_points_last(_inverse3(K)[0], jnp.concatenate([x2d_s.T, jnp.ones((1, n), dtype)]))
+    xn = (xh[:2] / xh[2:3]).T  # (N, 2) normalised coordinates
+
+    idx = point_index(_floyd_sample(key_sample, m, sample_size, hypotheses))  # (H, k)
+    Rs, ts, oks = jax.vmap(lambda i: posit(x3d_s[i], xn[i], iterations=posit_iterations))(idx)
+
+    # Preemptive scoring on one random subset (drawn with replacement) shared by all hypotheses.
+    sub = point_index(jax.random.randint(key_subset, (min(n, score_points),), 0, jnp.maximum(m, 1)))
+    X_sub_t, x_sub_t = x3d_s[sub].T, x2d_s[sub].T
+    scores = jax.vmap(lambda R, t: jnp.sum(jnp.minimum(_reprojection_sq_t(X_sub_t, x_sub_t, K, R, t), thr2)))(Rs, ts)
+    scores = jnp.where(oks & jnp.isfinite(scores) & (m >= sample_size), scores, jnp.inf)
     best = jnp.argmin(scores)
     R, t = Rs[best], ts[best]
-    w_ref = jnp.ones((n, 2), dtype) if w2d is None else jnp.asarray(w2d, dtype).reshape(n, -1) * jnp.ones((1, 2), dtype)
 
-    res = None
-    for _ in range(2):  # refine on inliers, re-estimate inliers, refine again (static unroll)
-        inliers = use & (_reprojection_sq(x3d_s, x2d_s, K, R, t) < thr2)
-        res = solve(x3d_s, x2d_s, w_ref, K, R0=R, t0=t, valid=inliers, huber=huber, iters=iters)
-        R, t = res.R, res.t
-    inliers = use & (_reprojection_sq(x3d_s, x2d_s, K, R, t) < thr2)
-    return res._replace(converged=res.converged & (jnp.sum(inliers) >= 4)), inliers
+    w_ref = jnp.ones((n, 2), dtype) if w2d is None else jnp.asarray(w2d, dtype).reshape(n, -1) * jnp.ones((1, 2), dtype)
+    huber_ref = threshold_px if huber is None else huber
+    # Local optimisation: POSIT on every point near the best hypothesis (an all-inlier fit,
+    # far more precise than the minimal set's), so that the LM starts next to its minimum.
+    near = use & (_reprojection_sq(x3d_s, x2d_s, K, R, t) < (refine_factor**2) * thr2)
+    R_lo, t_lo, ok_lo = posit(x3d_s, xn, near.astype(dtype), iterations=posit_iterations)
+    R, t = jnp.where(ok_lo, R_lo, R), jnp.where(ok_lo, t_lo, t)
+    near = use & (_reprojection_sq(x3d_s, x2d_s, K, R, t) < (refine_factor**2) * thr2)
+    res = solve(x3d_s, x2d_s, w_ref, K, R0=R, t0=t, valid=near, huber=huber_ref, iters=iters)
+    inliers = use & (_reprojection_sq(x3d_s, x2d_s, K, res.R, res.t) < thr2)
+    found = jnp.isfinite(scores[best]) & (jnp.sum(inliers) >= max(4, sample_size))
+    return res._replace(converged=res.converged & found), inliers
