@@ -10,18 +10,111 @@ reprojection error wins.
 
 Weights multiply the rows of M (one row per image axis), so `w` has the meaning of the solver's
 `w2d` (inverse standard deviation per axis).
+
+No LAPACK: the symmetric eigenproblems (the 3x3 point scatter, the 12x12 M^T M, the beta least
+squares, Horn's 4x4 Procrustes matrix) use one cyclic Jacobi routine with a parallel (round-robin)
+ordering, written with element-wise operations. Under `vmap` XLA fuses these across the batch,
+and no LAPACK kernel is launched that could deadlock XLA's CPU thread pool when several run at
+once (see lcpose/__init__.py).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences
+from lcpose.smallmat import cho_solve_small, cholesky_small
 
 __all__ = ["epnp", "procrustes"]
 
 _PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small symmetric eigenproblems without LAPACK (candidate for lcpose/smallmat.py, see
+# /work/notes/i12ransac-requests.md)
+# ----------------------------------------------------------------------------------------------
+
+
+def _round_robin(n):
+    """The n - 1 rounds of n / 2 disjoint index pairs that together cover every pair once."""
+    players = list(range(n))
+    rounds = []
+    for _ in range(n - 1):
+        rounds.append([(min(players[i], players[n - 1 - i]), max(players[i], players[n - 1 - i])) for i in range(n // 2)])
+        players = [players[0], players[-1]] + players[1:-1]
+    return rounds
+
+
+def _rotate_pairs(A, p, q, c, s, axis):
+    """Apply the plane rotations (c, s) of the disjoint index pairs (p, q) along `axis` (-2: rows
+    of J^T A, -1: columns of A J)."""
+    Ap = jnp.take(A, np.asarray(p), axis=axis)
+    Aq = jnp.take(A, np.asarray(q), axis=axis)
+    shape = [1] * A.ndim
+    shape[axis] = len(p)
+    c, s = c.reshape(shape), s.reshape(shape)
+    perm = list(p) + list(q)
+    inv = [perm.index(i) for i in range(len(perm))]
+    new = jnp.concatenate([c * Ap - s * Aq, s * Ap + c * Aq], axis=axis)
+    return jnp.take(new, np.asarray(inv), axis=axis)
+
+
+def sym_eig(S, sweeps: int = 8):
+    """Eigenvalues (ascending) and eigenvectors (columns) of a small symmetric matrix (n, n).
+
+    Cyclic Jacobi with the round-robin ordering: each round zeroes n/2 disjoint off-diagonal
+    entries at once. Convergence is quadratic; 8 sweeps reach float64 rounding for n <= 12.
+    Odd n is padded with a decoupled entry larger than every eigenvalue, then dropped.
+    """
+    n = S.shape[-1]
+    if n % 2:
+        big = 2.0 * jnp.sum(jnp.abs(S)) + 1.0
+        S = jnp.pad(S, ((0, 1), (0, 1))).at[n, n].set(big)
+    m = S.shape[-1]
+    dtype = S.dtype
+    rounds = [(jnp.asarray([a for a, _ in r]), jnp.asarray([b for _, b in r])) for r in _round_robin(m)]
+    rounds_np = [([a for a, _ in r], [b for _, b in r]) for r in _round_robin(m)]
+
+    def sweep(_, AV):
+        A, V = AV
+        for (p, q), (pl, ql) in zip(rounds, rounds_np):
+            app, aqq, apq = A[p, p], A[q, q], A[p, q]
+            nonzero = apq != 0
+            tau = (aqq - app) / (2.0 * jnp.where(nonzero, apq, 1.0))
+            t = jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau))
+            t = jnp.where(nonzero, t, 0.0).astype(dtype)
+            c = 1.0 / jnp.sqrt(1.0 + t * t)
+            s_ = t * c
+            A = _rotate_pairs(_rotate_pairs(A, pl, ql, c, s_, -2), pl, ql, c, s_, -1)
+            V = _rotate_pairs(V, pl, ql, c, s_, -1)
+        return A, V
+
+    A, V = jax.lax.fori_loop(0, sweeps, sweep, (S, jnp.eye(m, dtype=dtype)))
+    lam = jnp.diagonal(A)
+    order = jnp.argsort(lam)[:n]  # odd n: the padded entry is the largest
+    return lam[order], V[:n, order]
+
+
+def _inverse3(A):
+    """Inverse and determinant of a 3x3 matrix by its adjugate (no LAPACK)."""
+    c0 = jnp.cross(A[1], A[2])
+    c1 = jnp.cross(A[2], A[0])
+    c2 = jnp.cross(A[0], A[1])
+    det = jnp.dot(A[0], c0)
+    adj = jnp.stack([c0, c1, c2], axis=1)
+    return adj / jnp.where(det != 0, det, 1.0), det
+
+
+def _lstsq_sym(A, b, rcond):
+    """Minimum-norm least squares of a small system by the eigen-decomposition of A^T A:
+    directions with eigenvalue below rcond * largest are dropped (rank-deficient cases)."""
+    lam, V = sym_eig(A.T @ A)
+    keep = lam > rcond * jnp.maximum(lam[-1], jnp.finfo(A.dtype).tiny)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+    return V @ (inv * (V.T @ (A.T @ b)))
 
 
 def procrustes(x_src, x_dst, w):
@@ -35,12 +128,20 @@ def _procrustes_points_last(src_t, dst_t, w):
     mu_d = jnp.sum(dst_t * w, axis=1) / wsum
     a = (src_t - mu_s[:, None]) * w
     b = dst_t - mu_d[:, None]
-    H = jnp.sum(a[:, None, :] * b[None, :, :], axis=2)  # (3, 3) cross-covariance
-    U, _, Vt = jnp.linalg.svd(H)
-    d = jnp.sign(jnp.linalg.det(Vt.T @ U.T))
-    d = jnp.where(d == 0, 1.0, d).astype(src_t.dtype)
-    D = jnp.diag(jnp.stack([jnp.ones_like(d), jnp.ones_like(d), d]))
-    R = Vt.T @ D @ U.T
+    C = jnp.sum(a[:, None, :] * b[None, :, :], axis=2)  # (3, 3) cross-covariance S_ab
+    # Horn (1987): the rotation's unit quaternion is the top eigenvector of this 4x4 matrix; it
+    # is a proper rotation by construction (no reflection fix).
+    xx, xy, xz, yx, yy, yz, zx, zy, zz = C.reshape(-1)
+    N = jnp.stack(
+        [
+            jnp.stack([xx + yy + zz, yz - zy, zx - xz, xy - yx]),
+            jnp.stack([yz - zy, xx - yy - zz, xy + yx, zx + xz]),
+            jnp.stack([zx - xz, xy + yx, yy - xx - zz, yz + zy]),
+            jnp.stack([xy - yx, zx + xz, yz + zy, zz - xx - yy]),
+        ]
+    )
+    _, V = sym_eig(N)
+    R = geometry.quat_to_matrix(V[:, 3])
     return R, mu_d - R @ mu_s
 
 
@@ -67,7 +168,7 @@ def _control_points(x3d_t, wp):
     c0 = jnp.sum(x3d_t * wp, axis=1) / wsum
     d = x3d_t - c0[:, None]
     cov = jnp.sum((d * wp)[:, None, :] * d[None, :, :], axis=2) / wsum
-    lam, V = jnp.linalg.eigh(cov)
+    lam, V = sym_eig(cov)
     lam = lam[::-1]
     V = V[:, ::-1]
     # Planar or collinear sets have a vanishing axis: keep it finite (the pose is then poorly
@@ -99,7 +200,7 @@ def _betas(Vk, rho):
         # unknowns beta_kl = beta_k beta_l for k <= l < m; linear in them.
         idx = [(k, l) for k in range(m) for l in range(k, m)]
         A = jnp.stack([L[:, k, l] * (1.0 if k == l else 2.0) for k, l in idx], axis=1)
-        sol = jnp.linalg.lstsq(A, rho)[0]
+        sol = _lstsq_sym(A, rho, 100.0 * jnp.finfo(dtype).eps)
         diag_pos = {k: idx.index((k, k)) for k in range(m)}
         b_first = jnp.sqrt(jnp.abs(sol[diag_pos[0]]))
         out = [b_first]
@@ -117,9 +218,12 @@ def _betas(Vk, rho):
     def gn_step(beta, _):
         r = residual(beta)
         J = jax.jacfwd(residual)(beta)  # (6, 4)
+        # Jacobi-scaled normal equations with a ridge relative to their unit diagonal (unit-free),
+        # solved by the unrolled Cholesky factor.
         JtJ = J.T @ J
-        JtJ = JtJ + 1e-9 * jnp.trace(JtJ) * jnp.eye(4, dtype=dtype) + jnp.finfo(dtype).tiny * jnp.eye(4, dtype=dtype)
-        step = jnp.linalg.solve(JtJ, J.T @ r)
+        d = jnp.sqrt(jnp.maximum(jnp.diagonal(JtJ), jnp.finfo(dtype).tiny))
+        Sn = JtJ / (d[:, None] * d[None, :]) + 10.0 * jnp.finfo(dtype).eps * jnp.eye(4, dtype=dtype)
+        step = cho_solve_small(cholesky_small(Sn), (J.T @ r) / d) / d
         new = beta - step
         # Keep the step only if it lowers the residual (guards the ill-posed cases).
         better = jnp.sum(residual(new) ** 2) < jnp.sum(r**2)
@@ -139,7 +243,7 @@ def _epnp_impl(x3d, x2d, K, w2, valid_pts):
     ctrl_w, alphas = _control_points(x3d_t, wp)
 
     # Normalised image coordinates; rows scaled by the focal lengths so their weights stay in pixels.
-    xh = geometry.lincomb_points_last(jnp.linalg.inv(K), jnp.concatenate([x2d_t, jnp.ones_like(x2d_t[:1])], axis=0))
+    xh = geometry.lincomb_points_last(_inverse3(K)[0], jnp.concatenate([x2d_t, jnp.ones_like(x2d_t[:1])], axis=0))
     xn = xh[:2] / xh[2:3]  # (2, N)
     # Rows of M for point i: alpha_ij (e_a - xn_a e_z) w_a f_a (image axis a, control point j).
     # M^T M = sum_i kron(alpha_i alpha_i^T, Q_i) with Q_i = sum_a w_a^2 f_a^2 p_a p_a^T, which
@@ -152,7 +256,7 @@ def _epnp_impl(x3d, x2d, K, w2, valid_pts):
     E = E.at[0, 0, 0].set(1).at[1, 1, 1].set(1).at[2, 0, 2].set(1).at[2, 2, 0].set(1)
     E = E.at[3, 1, 2].set(1).at[3, 2, 1].set(1).at[4, 2, 2].set(1)
     MtM = jnp.einsum("qjk,qab->jakb", S, E).reshape(12, 12)
-    _, evecs = jnp.linalg.eigh(MtM)
+    _, evecs = sym_eig(MtM)
     Vk = evecs[:, :4]  # null-space candidates, smallest eigenvalue first
 
     ia = jnp.array([p[0] for p in _PAIRS])

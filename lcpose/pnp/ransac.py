@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences
+from lcpose.pnp.epnp import _inverse3
 from lcpose.pnp.solver import PnPResult, solve
 
 __all__ = ["ransac", "posit"]
@@ -47,16 +48,6 @@ def _reprojection_sq_t(x3d_t, x2d_t, K, R, t):
 
 def _reprojection_sq(x3d, x2d, K, R, t):
     return _reprojection_sq_t(x3d.T, x2d.T, K, R, t)
-
-
-def _inverse3(A):
-    """Inverse and determinant of a 3x3 matrix by its adjugate (no LAPACK)."""
-    c0 = jnp.cross(A[1], A[2])
-    c1 = jnp.cross(A[2], A[0])
-    c2 = jnp.cross(A[0], A[1])
-    det = jnp.dot(A[0], c0)
-    adj = jnp.stack([c0, c1, c2], axis=1)
-    return adj / jnp.where(det != 0, det, 1.0), det
 
 
 def _orthonormal_rows(a, b):
