@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lcpose import geometry
+from lcpose.pnp import cost
 from lcpose.pnp.checks import check_correspondences
 
 __all__ = ["epnp", "procrustes"]
@@ -118,8 +119,7 @@ def _betas(Vk, rho):
         r = residual(beta)
         J = jax.jacfwd(residual)(beta)  # (6, 4)
         JtJ = J.T @ J
-        JtJ = JtJ + 1e-9 * jnp.trace(JtJ) * jnp.eye(4, dtype=dtype) + jnp.finfo(dtype).tiny * jnp.eye(4, dtype=dtype)
-        step = jnp.linalg.solve(JtJ, J.T @ r)
+        step, _ = cost.spd_solve(JtJ, J.T @ r, ridge=1e-9)  # Jacobi-scaled, ridge relative to it
         new = beta - step
         # Keep the step only if it lowers the residual (guards the ill-posed cases).
         better = jnp.sum(residual(new) ** 2) < jnp.sum(r**2)
