@@ -53,3 +53,34 @@ def test_import_sizes_the_cpu_thread_pool_for_concurrent_lapack_calls():
     env["PJRT_NPROC"] = "3"  # a user's own setting is kept
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "3"
+
+
+_BATCHED_EVALUATION = """
+import jax, jax.numpy as jnp, numpy as np
+from bench.common import LMO_K, pnp_scenes
+from lcpose import pnp
+x3d, x2d, R, t, _ = pnp_scenes(np.random.default_rng(0), 8, 64, noise_px=1.0, outlier_rate=0.2)
+K = jnp.asarray(LMO_K, jnp.float32)
+X, x = jnp.asarray(x3d, jnp.float32), jnp.asarray(x2d, jnp.float32)
+w = jnp.ones_like(x)
+
+def predict(key, X, x, w):  # lcpose.evaluate.predict's PnP: RANSAC, then the weighted solve from it
+    r0, _ = pnp.ransac(key, X, x, K, hypotheses=32)
+    return pnp.solve(X, x, w, K, R0=r0.R, t0=r0.t, huber=2.0)
+
+res = jax.jit(jax.vmap(predict))(jax.random.split(jax.random.key(0), 8), X, x, w)
+print(int(np.sum(np.asarray(res.converged))))
+"""
+
+
+def test_batched_evaluation_path_runs_on_a_two_thread_pool():
+    """RANSAC + solve, vmapped as in evaluation, on XLA's default pool of a 2-core machine
+    (PJRT_NPROC=2): concurrent LAPACK calls used to deadlock there; it must finish."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
+    env["PJRT_NPROC"] = "2"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _BATCHED_EVALUATION], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip().splitlines()[-1]) >= 6

@@ -1,5 +1,5 @@
-"""Small helpers shared by the pose losses: argument checks, masked weights, safe norms, box-corner
-distances and the Huber-robust PnP cost in the points-last layout.
+"""Small helpers shared by the pose losses: argument checks, safe norms, box-corner distances; the
+masked weights and the Huber-robust PnP cost are lcpose.pnp.cost's, re-exported here.
 
 Every numeric helper works on one instance and follows the dtype of its inputs.
 """
@@ -9,6 +9,10 @@ import jax.numpy as jnp
 
 from lcpose import geometry
 from lcpose.pnp.checks import check_correspondences, check_pose
+
+# The PnP cost's pieces live in lcpose.pnp.cost; re-exported under the names the losses use.
+from lcpose.pnp.cost import point_weights as masked_weights  # noqa: F401
+from lcpose.pnp.cost import robust_cost_t, robust_point_costs_t  # noqa: F401
 
 __all__ = [
     "check_loss_inputs",
@@ -49,14 +53,6 @@ def loss_dtype(*xs):
     return dtype
 
 
-def masked_weights(w2d, n, dtype, valid=None):
-    """(N, 2) non-negative weights with invalid points zeroed (w2d may be (N,) or (N, 2))."""
-    w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
-    if valid is not None:
-        w2 = w2 * (jnp.asarray(valid) > 0).astype(dtype)[:, None]
-    return w2
-
-
 def safe_norm(x, axis=-1):
     """Euclidean norm whose gradient is 0 (not NaN) where the vector is exactly 0."""
     s2 = jnp.sum(x * x, axis=axis)
@@ -91,30 +87,6 @@ def rotation_cosine_distance(R, R_gt):
     without quaternions (and without their sign ambiguity).
     """
     return 0.5 * (3.0 - jnp.sum(R * R_gt))
-
-
-def robust_point_costs_t(e_t, huber):
-    """Per-point costs rho(||e_i||) (N,) of weighted residuals e_t (2, N), points last.
-
-    rho(s) = s^2 / 2, or Huber's s^2/2 (s <= huber), huber (s - huber / 2) (s > huber): the same
-    kernel as `lcpose.pnp.pnp_cost` (and EPro-PnP's `huber_kernel`). `huber` may be traced.
-    """
-    s2 = e_t[0] * e_t[0] + e_t[1] * e_t[1]
-    if huber is None:
-        return 0.5 * s2
-    small = s2 <= huber * huber
-    s = jnp.sqrt(jnp.where(small, jnp.ones_like(s2), s2))
-    return jnp.where(small, 0.5 * s2, huber * (s - 0.5 * huber))
-
-
-def robust_cost_t(R, t, x3d_t, x2d_t, w2_t, K, huber):
-    """The robust PnP cost sum_i rho(||w_i * r_i||) in the points-last layout ((3, N), (2, N), (2, N)).
-
-    Equal to `lcpose.pnp.pnp_cost(R, t, x3d, x2d, w2, K, huber)`; the points-last layout keeps the
-    per-point work on the contiguous axis when it is vmapped over many poses (EPro-PnP's samples).
-    """
-    e = w2_t * (x2d_t - geometry.project_points_last(x3d_t, R, t, K))
-    return jnp.sum(robust_point_costs_t(e, huber))
 
 
 def adaptive_huber_delta(x2d, w2, valid_f, relative_delta):

@@ -81,6 +81,7 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 from lcpose import geometry, pnp
+from lcpose.pnp import cost
 from lcpose.losses.common import (
     adaptive_huber_delta,
     check_loss_inputs,
@@ -273,10 +274,7 @@ def _sample_cost_terms(Rs, ts, x3d_t, x2d_t, w2_t, K, delta):
     u, v = row(0) * inv_z, row(1) * inv_z
     ru, rv = x2d_t[0][None] - u, x2d_t[1][None] - v
     eu, ev = w2_t[0][None] * ru, w2_t[1][None] * rv
-    s2 = eu * eu + ev * ev
-    small = s2 <= delta * delta
-    s = jnp.sqrt(jnp.where(small, 1.0, s2))
-    rho = jnp.where(small, 0.5 * s2, delta * (s - 0.5 * delta))
+    rho, s, small = cost.huber_terms(eu * eu + ev * ev, delta)
     return jnp.sum(rho, axis=-1), (P, u, v, inv_z, ru, rv, eu, ev, s, small)
 
 
@@ -348,7 +346,11 @@ def laplace_log_normaliser(cost_min, H):
 
     -c(y*) + 3 log(2 pi) - 0.5 log det H, H the 6x6 Hessian of c in (omega, dt) at the minimum.
     """
-    _, logdet = jnp.linalg.slogdet(H)
+    # log det H from the Jacobi-scaled Cholesky factor (no LAPACK): H = S^-1 L L^T S^-1; NaN
+    # where H is not positive definite.
+    L, s, ok = cost.spd_cholesky(H)
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) - 2.0 * jnp.sum(jnp.log(s))
+    logdet = jnp.where(ok, logdet, jnp.nan)
     return -cost_min + 3.0 * jnp.log(2.0 * jnp.pi) - 0.5 * logdet
 
 
@@ -490,23 +492,20 @@ def epropnp_loss(
     # ---- Gauss-Newton step from y* (the derivative regularisation; differentiable) --------
     H, g = pnp.gauss_newton_hessian(R_s, t_s, x3d, x2d, w2, K, delta)
     eye6 = jnp.eye(6, dtype=dtype)
-    H_reg = H + (jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) + jnp.finfo(dtype).tiny) * eye6
-    # Double where: a singular Hessian (failed solve) gives a zero step and no NaN gradient.
-    L_H_c = cholesky_small(sg(H_reg))
-    H_fin = jnp.all(jnp.isfinite(L_H_c))
+    # Jacobi-conditioned, no ridge (lcpose.pnp.cost): unit-free, unlike a ridge eps * trace(H).
+    cov, H_fin = cost.spd_inverse(sg(H))
     # The step is taken only from a converged solution (the solver's conditioning test passed).
     H_ok = H_fin & jnp.all(jnp.isfinite(sg(g))) & sol.converged & inputs_ok
-    L_H = cholesky_small(jnp.where(H_ok, H_reg, eye6))
-    step = -cho_solve_small(L_H, jnp.where(H_ok, g, jnp.zeros_like(g)))
-    step = jnp.where(H_ok, step, jnp.zeros_like(step))
+    # Double where: a singular Hessian (failed solve) gives a zero step and no NaN gradient.
+    step, _ = cost.spd_solve(jnp.where(H_ok, H, eye6), jnp.where(H_ok, g, jnp.zeros_like(g)))
+    step = -jnp.where(H_ok, step, jnp.zeros_like(step))
     R_p, t_p = geometry.retract(R_s, t_s, step)
     l_reg_t = smooth_l1(safe_norm(t_p - t_gt), jnp.asarray(reg_beta_mm, dtype))
     l_reg_r = rotation_cosine_distance(R_p, R_gt)
     l_reg = jnp.where(H_ok, reg_weight_t * l_reg_t + reg_weight_r * l_reg_r, 0.0)
 
     # ---- first proposal from y* and the Laplace covariance --------------------------------
-    cov = cho_solve_small(jnp.where(H_fin, L_H_c, eye6), eye6)
-    cov = 0.5 * (cov + cov.T)
+    cov = jnp.where(H_fin, cov, eye6)
     cov_rot, cov_t = cov[:3, :3], cov[3:, 3:]
     # Only for a failed solve: a broad, finite default (5 % of the distance, 0.2 rad).
     t_scale = 0.05 * jnp.maximum(jnp.linalg.norm(t_s), 100.0)

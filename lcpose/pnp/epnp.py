@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcpose import geometry
+from lcpose.pnp import cost
 from lcpose.pnp.checks import check_correspondences
-from lcpose.smallmat import cho_solve_small, cholesky_small
 
 __all__ = ["epnp", "procrustes"]
 
@@ -219,11 +219,9 @@ def _betas(Vk, rho):
         r = residual(beta)
         J = jax.jacfwd(residual)(beta)  # (6, 4)
         # Jacobi-scaled normal equations with a ridge relative to their unit diagonal (unit-free),
-        # solved by the unrolled Cholesky factor.
+        # by the unrolled Cholesky of pnp.cost.
         JtJ = J.T @ J
-        d = jnp.sqrt(jnp.maximum(jnp.diagonal(JtJ), jnp.finfo(dtype).tiny))
-        Sn = JtJ / (d[:, None] * d[None, :]) + 10.0 * jnp.finfo(dtype).eps * jnp.eye(4, dtype=dtype)
-        step = cho_solve_small(cholesky_small(Sn), (J.T @ r) / d) / d
+        step, _ = cost.spd_solve(JtJ, J.T @ r, ridge=10.0 * jnp.finfo(dtype).eps)
         new = beta - step
         # Keep the step only if it lowers the residual (guards the ill-posed cases).
         better = jnp.sum(residual(new) ** 2) < jnp.sum(r**2)

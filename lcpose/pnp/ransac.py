@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lcpose import geometry
+from lcpose.pnp import cost
 from lcpose.pnp.checks import check_correspondences
 from lcpose.pnp.epnp import _inverse3
 from lcpose.pnp.solver import PnPResult, solve
@@ -37,13 +38,12 @@ __all__ = ["ransac", "posit"]
 
 def _reprojection_sq_t(x3d_t, x2d_t, K, R, t):
     """Squared reprojection error per point (N,), points-last inputs (3, N), (2, N); inf behind
-    the camera or when not finite. Unrolled products (under vmap a tiny matmul is a slow batched
-    dot on CPU)."""
-    uvw = geometry.lincomb_points_last(geometry.lincomb_points_last(K, R), x3d_t) + geometry.lincomb_points_last(K, t[:, None])
-    z = uvw[2]
-    d = uvw[:2] / jnp.where(z > 0, z, 1.0) - x2d_t
-    err2 = d[0] * d[0] + d[1] * d[1]
-    return jnp.where((z > 0) & jnp.isfinite(err2), err2, jnp.inf)
+    the camera or when not finite. (Only the residual of pnp.cost is used: XLA drops the
+    unused Jacobian.)"""
+    r, _ = cost.residuals_and_jacobian_t(x3d_t, x2d_t, R, t, K)
+    depth = geometry.lincomb_points_last(R[2:3], x3d_t)[0] + t[2]
+    err2 = r[0] * r[0] + r[1] * r[1]
+    return jnp.where((depth > 0) & jnp.isfinite(err2), err2, jnp.inf)
 
 
 def _reprojection_sq(x3d, x2d, K, R, t):
