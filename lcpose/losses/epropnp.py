@@ -81,7 +81,7 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
 from lcpose import geometry, pnp
-from lcpose.pnp import cost
+from lcpose.pnp.cost import huber_terms, spd_cholesky, spd_inverse, spd_solve
 from lcpose.losses.common import (
     adaptive_huber_delta,
     check_loss_inputs,
@@ -274,7 +274,7 @@ def _sample_cost_terms(Rs, ts, x3d_t, x2d_t, w2_t, K, delta):
     u, v = row(0) * inv_z, row(1) * inv_z
     ru, rv = x2d_t[0][None] - u, x2d_t[1][None] - v
     eu, ev = w2_t[0][None] * ru, w2_t[1][None] * rv
-    rho, s, small = cost.huber_terms(eu * eu + ev * ev, delta)
+    rho, s, small = huber_terms(eu * eu + ev * ev, delta)
     return jnp.sum(rho, axis=-1), (P, u, v, inv_z, ru, rv, eu, ev, s, small)
 
 
@@ -348,7 +348,7 @@ def laplace_log_normaliser(cost_min, H):
     """
     # log det H from the Jacobi-scaled Cholesky factor (no LAPACK): H = S^-1 L L^T S^-1; NaN
     # where H is not positive definite.
-    L, s, ok = cost.spd_cholesky(H)
+    L, s, ok = spd_cholesky(H)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) - 2.0 * jnp.sum(jnp.log(s))
     logdet = jnp.where(ok, logdet, jnp.nan)
     return -cost_min + 3.0 * jnp.log(2.0 * jnp.pi) - 0.5 * logdet
@@ -493,11 +493,11 @@ def epropnp_loss(
     H, g = pnp.gauss_newton_hessian(R_s, t_s, x3d, x2d, w2, K, delta)
     eye6 = jnp.eye(6, dtype=dtype)
     # Jacobi-conditioned, no ridge (lcpose.pnp.cost): unit-free, unlike a ridge eps * trace(H).
-    cov, H_fin = cost.spd_inverse(sg(H))
+    cov, H_fin = spd_inverse(sg(H))
     # The step is taken only from a converged solution (the solver's conditioning test passed).
     H_ok = H_fin & jnp.all(jnp.isfinite(sg(g))) & sol.converged & inputs_ok
     # Double where: a singular Hessian (failed solve) gives a zero step and no NaN gradient.
-    step, _ = cost.spd_solve(jnp.where(H_ok, H, eye6), jnp.where(H_ok, g, jnp.zeros_like(g)))
+    step, _ = spd_solve(jnp.where(H_ok, H, eye6), jnp.where(H_ok, g, jnp.zeros_like(g)))
     step = -jnp.where(H_ok, step, jnp.zeros_like(step))
     R_p, t_p = geometry.retract(R_s, t_s, step)
     l_reg_t = smooth_l1(safe_norm(t_p - t_gt), jnp.asarray(reg_beta_mm, dtype))

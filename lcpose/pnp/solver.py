@@ -221,7 +221,6 @@ def linearize_at(x3d_t, W_t, K, R, t, *, huber=None, x2d_t=None, hessian="gauss_
 
     x2d_t is needed only with Huber or the exact Hessian (the residuals enter there).
     """
-    dtype = x3d_t.dtype
     if x2d_t is None:
         if huber is not None or hessian == "exact":
             raise ValueError("x2d is needed with huber or hessian='exact'")
