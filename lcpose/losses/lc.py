@@ -362,8 +362,9 @@ def lc_loss(
     Returns:
       LCTerms(loss, e_cov, e_prior, e_linear, valid). An instance with a non-finite valid point
       or a singular Hessian at the ground truth (all-zero weights, collinear points) has
-      valid=False, loss and terms 0 and zero gradient; the others are unaffected. Gradients reach x2d and x3d through the residuals
-      (E_cov) and w2d through A and H (E_cov, E_prior, E_linear); none reach A through x3d.
+      valid=False, loss and terms 0 and zero gradient; the others are unaffected. Gradients
+      reach x2d and x3d through the residuals (E_cov) and w2d through A and H (E_cov, E_prior,
+      E_linear); none reach A through x3d.
       Reverse mode only (jax.grad, jax.vjp): the backward passes are hand-written
       (`jax.custom_vjp`), so jax.jvp / jax.jacfwd of the loss raise.
     """
