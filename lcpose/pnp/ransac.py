@@ -209,7 +209,7 @@ def ransac(
     best = jnp.argmin(scores)
     R, t = Rs[best], ts[best]
 
-    w_ref = jnp.ones((n, 2), dtype) if w2d is None else jnp.asarray(w2d, dtype).reshape(n, -1) * jnp.ones((1, 2), dtype)
+    w_ref = jnp.ones((n, 2), dtype) if w2d is None else cost.point_weights(w2d, n, dtype)
     huber_ref = threshold_px if huber is None else huber
     # Local optimisation: POSIT on every point near the best hypothesis (an all-inlier fit,
     # far more precise than the minimal set's), so that the LM starts next to its minimum.
