@@ -368,7 +368,10 @@ def _fmt(v) -> str:
 def write_bop_csv(path, result: Mapping[str, np.ndarray]) -> str:
     """Write estimates in the BOP challenge format; returns the path.
 
-    One line per instance with a box: ``scene_id,im_id,obj_id,score,R,t,time`` with R the 9
+    One line per instance with a box and a converged solve (``converged``; a solve that did
+    not converge returns a placeholder pose, so its row is left out and BOP's toolkit counts
+    the instance as a miss, as it does for instances without a box):
+    ``scene_id,im_id,obj_id,score,R,t,time`` with R the 9
     entries row-major and t the 3 entries (mm), space separated, and ``time`` the image's
     time (the sum over its instances; BOP requires one value per image). Name the file
     ``METHOD_DATASET-test.csv`` (method without underscores) for bop_toolkit.
@@ -377,11 +380,12 @@ def write_bop_csv(path, result: Mapping[str, np.ndarray]) -> str:
     times: Dict[tuple, float] = {}
     for s, i, t in zip(scene, im, result["time"]):
         times[(int(s), int(i))] = times.get((int(s), int(i)), 0.0) + float(t)
+    converged = np.asarray(result.get("converged", np.ones(len(scene), bool)))
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write("scene_id,im_id,obj_id,score,R,t,time\n")
         for j in range(len(scene)):
-            if int(result["has_box"][j]) == 0:
+            if int(result["has_box"][j]) == 0 or not bool(converged[j]):
                 continue
             R = np.asarray(result["R"][j], np.float64).reshape(-1)
             t = np.asarray(result["t"][j], np.float64).reshape(-1)
