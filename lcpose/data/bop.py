@@ -195,9 +195,11 @@ def _check_finite_vertices(mesh, V: np.ndarray, path: str) -> None:
     """A non-finite vertex coordinate, normal or texture coordinate is an error naming the vertex
     (NaN model points would make ADD of every pose NaN, i.e. a silent recall of 0)."""
     raw = (mesh.metadata.get("_ply_raw") or {}).get("vertex", {}).get("data", {})
+    if isinstance(raw, np.ndarray):   # binary PLY: one structured array
+        raw = {k: raw[k] for k in (raw.dtype.names or ())}
     # every float property of the PLY's vertex element (x, y, z, nx, ny, nz, texture_u, ...)
     props = {k: np.asarray(v).reshape(len(V), -1) for k, v in raw.items()
-             if np.asarray(v).dtype.kind == "f" and np.asarray(v).size % max(len(V), 1) == 0}
+             if np.asarray(v).dtype.kind == "f" and np.asarray(v).size % len(V) == 0}
     if not props:   # not a PLY (or trimesh without the raw data): what trimesh parsed
         props = {"x/y/z": V}
         uv = getattr(mesh.visual, "uv", None)
