@@ -390,7 +390,7 @@ def _plot_losses(curves, path):
     plt.close(fig)
 
 
-def user_errors() -> tuple:
+def _user_errors() -> tuple:
     """Exceptions that report a user's mistake (a one-line message naming the file or flag);
     anything else is a bug and keeps its traceback."""
     from lcpose.data.bop import BopFormatError
@@ -411,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None):
     warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"   # one line
     try:
         run(argv)
-    except user_errors() as err:
+    except _user_errors() as err:
         if os.environ.get("LCPOSE_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
