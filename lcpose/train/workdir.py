@@ -82,8 +82,8 @@ class WorkdirLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
+                    os.close(fd)   # e.g. ENOLCK: a file system without locks
+                    raise WorkdirError(f"cannot lock {self.path}: {err.strerror}") from None
                 h = self._holder(fd)
                 os.close(fd)
                 who = (f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
