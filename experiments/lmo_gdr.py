@@ -16,6 +16,15 @@ writes into ``--workdir`` (default ``runs/lmo_gdr``)::
     (with one network per object, the default of the CPU config: <variant>/obj_XXXXXX/ckpt/ ...)
     <variant>/gdrnet<variant>_<dataset>-test.csv   BOP challenge estimates (bop_toolkit)
     losses.png                        loss curves of all variants
+    experiment.json                   what the folder holds (config, dataset, ...): --resume checks it
+    <run>/eval.npz                    the run's per-instance evaluation (merged into results.json)
+
+One run at a time per workdir (a lock file, ``.lcpose.lock``, names the running one's pid). A
+workdir that holds a previous run is refused unless ``--resume`` (continue it; the configuration
+must match) or ``--overwrite`` (delete it). With one network per object, ``--resume --obj 2``
+on a workdir of object 1 trains object 2 beside it and merges both into results.json and the
+BOP CSV. User errors print one line ``error: ...`` and exit with status 2 (set
+LCPOSE_TRACEBACK=1 for the traceback).
 
 The entry point only parses flags; the work is in lcpose.train.loop (training),
 lcpose.evaluate (evaluation) and experiments.config (the configurations).
@@ -53,6 +62,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--variants", default=None, help="comma-separated, e.g. baseline,lc,bpnp (experiments.config.VARIANTS)")
     p.add_argument("--workdir", default="runs/lmo_gdr")
     p.add_argument("--resume", action="store_true", help="continue each variant from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a previous run in --workdir (without it such a workdir is refused)")
     p.add_argument("--pretrained", default=None, help="converted ImageNet encoder (data_prep.convert_resnet --out)")
     p.add_argument("--workers", type=int, default=None, help="grain worker processes")
     p.add_argument("--boxes", choices=["detections", "gt"], default=None, help="test crops from detections or GT boxes")
@@ -67,9 +78,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _config(args):
-    from experiments.config import VARIANTS, get_config
+    from experiments.config import CONFIGS, VARIANTS, get_config
     from experiments.overrides import apply_overrides
 
+    if args.config not in CONFIGS:
+        raise UsageError(f"--config: unknown {args.config!r}; choose one of {', '.join(sorted(CONFIGS))}")
     cfg = get_config(args.config)
     tr = {}
     if args.steps is not None:
@@ -99,11 +112,39 @@ def _config(args):
     try:
         cfg = apply_overrides(cfg, args.overrides)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise UsageError(f"--set: {err}") from None
     unknown = [v for v in cfg.variants if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        raise UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     return cfg
+
+
+class UsageError(ValueError):
+    """A flag's value cannot be used (the message names the flag)."""
+
+
+def _check_args(args):
+    """One-line errors for paths and names that do not exist, before any work is done."""
+    from lcpose.data.bop import DATASETS
+
+    for flag, path, kind in (("--bop_root", args.bop_root, "folder"), ("--lm_root", args.lm_root, "folder"),
+                             ("--detections", args.detections, "file"), ("--pretrained", args.pretrained, None)):
+        if path is None:
+            continue
+        ok = os.path.isdir(path) if kind == "folder" else os.path.isfile(path) if kind == "file" else os.path.exists(path)
+        if not ok:
+            raise UsageError(f"{flag} {path}: no such {kind or 'file or folder'}")
+    if args.bop_root is not None and _dataset_name(args) not in DATASETS:
+        source = "--dataset" if args.dataset else f"--dataset (the folder name of --bop_root {args.bop_root})"
+        raise UsageError(f"{source}: {_dataset_name(args)!r} is not one of {', '.join(sorted(DATASETS))}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+
+
+def _dataset_name(args) -> str:
+    if args.bop_root is None:
+        return "synthetic"
+    return args.dataset or os.path.basename(os.path.normpath(args.bop_root))
 
 
 def _dataset(args, cfg):
@@ -115,16 +156,48 @@ def _dataset(args, cfg):
     from lcpose.data.synthetic import default_cache_dir
     from lcpose.data.tfds_builder import build_tfds
 
-    dataset = args.dataset or os.path.basename(os.path.normpath(args.bop_root))
+    dataset = _dataset_name(args)
     out = args.tfds_dir or os.path.join(default_cache_dir(), "tfds")
     splits = sorted({cfg.train.train_split, cfg.test_split})
     return build_tfds(args.bop_root, dataset, splits, out, lm_root=args.lm_root,
                       detections=args.detections, progress=not args.no_progress), dataset
 
 
+def _identity(args, cfg) -> dict:
+    """What experiment.json records: a resumed run must match it (apart from _RESUMABLE)."""
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
+    ident["train"] = cfg.train.to_json()
+    return {"experiment": "lmo_gdr", "dataset": _dataset_name(args),
+            "bop_root": None if args.bop_root is None else os.path.abspath(args.bop_root),
+            "tfds_dir": None if args.tfds_dir is None else os.path.abspath(args.tfds_dir), **ident}
+
+
+def _resumable(cfg):
+    """Identity fields a resumed run may change: the variants (each has its folder), the
+    logging / checkpoint intervals, and with one network per object the objects (merged)."""
+    from lcpose.train.loop import _RESUMABLE_CHANGES
+
+    return (("variants", "eval_batch_size", *_RESUMABLE_CHANGES)
+            + (("objects", "obj_ids") if cfg.per_object else ()))
+
+
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse flags, train and evaluate every variant, write results.json; returns its content."""
     args = parse_args(argv)
+    _check_args(args)
+    cfg = _config(args)
+    from lcpose.train.workdir import WorkdirLock, check_start, write_identity
+
+    workdir = os.path.abspath(args.workdir)
+    with WorkdirLock(workdir):
+        identity = _identity(args, cfg)
+        how = check_start(workdir, identity, resume=args.resume, overwrite=args.overwrite,
+                          ignore=_resumable(cfg), extra_files=("losses.png", "experiment_config.json"))
+        write_identity(workdir, identity)
+        return _run(args, cfg, workdir, resumed=how == "resume")
+
+
+def _run(args, cfg, workdir, resumed: bool) -> dict:
     import jax
 
     from experiments.config import objective_for
@@ -135,9 +208,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from lcpose.train.loop import train
 
     t_start = time.perf_counter()
-    cfg = _config(args)
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
     tfds_dir, dataset = _dataset(args, cfg)
     tfds_dir = resolve_dataset_dir(tfds_dir)
     data_seconds = time.perf_counter() - t_start
@@ -166,6 +236,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                "pnp": dataclasses.asdict(cfg.pnp), "devices": jax.local_device_count(),
                "platform": jax.devices()[0].platform, "data_seconds": round(data_seconds, 1),
                "per_object": cfg.per_object, "objects": objects, "variants": {}}
+    if resumed and os.path.isfile(results_path):   # variants / objects of earlier invocations stay
+        with open(results_path) as f:
+            earlier = json.load(f)
+        results["variants"] = dict(earlier.get("variants", {}))
+        results["objects"] = sorted(set(objects) | set(earlier.get("objects", [])))
     # One run per variant, or (per_object) one run per variant and object in <variant>/obj_XXXXXX.
     # A class-agnostic run trains on the experiment's objects (None: all of the dataset).
     runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object else [("", cfg.objects)])
@@ -180,7 +255,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             name = f"{variant} obj {obj_ids[0]}" if sub else variant
             res = train(tfds_dir, os.path.join(vdir, sub) if sub else vdir,
                         dataclasses.replace(cfg.train, obj_ids=obj_ids), objective, resume=args.resume,
-                        progress=progress, desc=name,
+                        overwrite=args.overwrite, progress=progress, desc=name,
                         meta={"variant": variant, "config": cfg.name, "pnp": dataclasses.asdict(cfg.pnp)})
             t0 = time.perf_counter()
             variables = {"params": eval_params(res.state), "batch_stats": res.state.batch_stats}
@@ -188,6 +263,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
             outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
                                    desc=f"eval {name}"))
+            np.savez(os.path.join(res.workdir, EVAL_FILE), **outs[-1])
             # where the weights went (weights.png next to the run's curves)
             first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
             wstats.append(E.weight_map_stats(res.model, variables, first,
@@ -198,6 +274,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             compile_seconds += res.compile_seconds
             histories.append(res.history)
             curves[name] = res.history
+        merged = _earlier_objects(vdir, [o for _, (o,) in runs]) if cfg.per_object else []
+        outs += [o for _, o in merged]
         out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
         errors = E.compute_errors(out, test_loader.models, image_width=image_width)
         errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
@@ -220,7 +298,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             "weight_on_mask": round(float(np.mean([w["weight_on_mask"] for w in wstats])), 2),
             "weight_n_eff": round(float(np.mean([w["weight_n_eff"] for w in wstats])), 1),
             "bop_csv": csv,
+            # steps / seconds above are of this invocation's runs; these objects' results come
+            # from earlier ones (--resume --obj ...)
+            "merged_objects": [o for o, _ in merged],
         }
+        results["objects"] = sorted(set(results["objects"]) | {o for o, _ in merged})
         _write_json(results_path, results)
         print(E.format_table({variant: summary}, title=f"{variant}: ADD(-S) 0.1d [%]"), file=sys.stderr)
 
@@ -236,6 +318,28 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
               f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
+
+
+EVAL_FILE = "eval.npz"
+
+
+def _earlier_objects(vdir, objects):
+    """[(obj_id, evaluation)] of the per-object runs in ``vdir`` that this invocation does not
+    train (``obj_XXXXXX/eval.npz`` written by an earlier one), by object id."""
+    out = []
+    if not os.path.isdir(vdir):
+        return out
+    for name in sorted(os.listdir(vdir)):
+        if not (name.startswith("obj_") and name[4:].isdigit()) or int(name[4:]) in objects:
+            continue
+        path = os.path.join(vdir, name, EVAL_FILE)
+        if os.path.isfile(path):
+            with np.load(path) as z:
+                out.append((int(name[4:]), {k: z[k] for k in z.files}))
+        else:
+            print(f"lcpose: {os.path.join(vdir, name)} has no {EVAL_FILE} (not evaluated); "
+                  f"rerun with --resume --obj {int(name[4:])} to include it", file=sys.stderr)
+    return out
 
 
 def _objects(cfg, test_loader):
@@ -295,13 +399,35 @@ def _plot_losses(curves, path):
     plt.close(fig)
 
 
-def main():
+def _user_errors() -> tuple:
+    """Exceptions that report a user's mistake (a one-line message naming the file or flag);
+    anything else is a bug and keeps its traceback."""
+    from lcpose.data.bop import BopFormatError
+    from lcpose.data.synthetic import CacheNotWritableError
+    from lcpose.train.workdir import WorkdirError
+
+    return (UsageError, WorkdirError, BopFormatError, CacheNotWritableError, FileNotFoundError,
+            NotADirectoryError, FloatingPointError)
+
+
+def main(argv: Optional[Sequence[str]] = None):
     import signal
+    import warnings
 
     # SIGTERM (e.g. a job scheduler) exits like Ctrl-C: finally-blocks close the checkpointer
     # and multiprocessing's exit handlers stop the grain workers instead of orphaning them.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    run()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)), warnings.formatwarning
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"   # one line
+    try:
+        run(argv)
+    except _user_errors() as err:
+        if os.environ.get("LCPOSE_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:   # main() may be called in-process (tests): leave the process as it was
+        signal.signal(signal.SIGTERM, previous[0])
+        warnings.formatwarning = previous[1]
 
 
 if __name__ == "__main__":

@@ -373,15 +373,26 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def write_bop_csv(path, result: Mapping[str, np.ndarray]) -> str:
+def write_bop_csv(path, result: Mapping[str, np.ndarray], *, unconverged: str = "score0") -> str:
     """Write estimates in the BOP challenge format; returns the path.
 
     One line per instance with a box: ``scene_id,im_id,obj_id,score,R,t,time`` with R the 9
     entries row-major and t the 3 entries (mm), space separated, and ``time`` the image's
     time (the sum over its instances; BOP requires one value per image). Name the file
     ``METHOD_DATASET-test.csv`` (method without underscores) for bop_toolkit.
+
+    Instances whose solve did not converge (``result["converged"]`` False): the pose is the
+    solver's last iterate, not a checked estimate. ``unconverged="score0"`` (default) writes
+    it with score 0, so that such rows are told apart from estimates and bop_toolkit scores the
+    same poses as :func:`compute_errors`; ``"omit"`` leaves them out (bop_toolkit counts a
+    missing estimate as a miss). Rows that cannot be an estimate at all are always left out:
+    no box (``has_box`` 0), a non-finite pose, or the object not in front of the camera
+    (``t_z <= 0``, e.g. the R = I, t = 0 of a degenerate solve).
     """
+    if unconverged not in ("score0", "omit"):
+        raise ValueError(f"unconverged must be 'score0' or 'omit', got {unconverged!r}")
     scene, im = np.asarray(result["scene_id"]), np.asarray(result["im_id"])
+    converged = np.asarray(result.get("converged", np.ones(len(scene), bool))).astype(bool)
     times: Dict[tuple, float] = {}
     for s, i, t in zip(scene, im, result["time"]):
         times[(int(s), int(i))] = times.get((int(s), int(i)), 0.0) + float(t)
@@ -389,13 +400,14 @@ def write_bop_csv(path, result: Mapping[str, np.ndarray]) -> str:
     with open(path, "w") as f:
         f.write("scene_id,im_id,obj_id,score,R,t,time\n")
         for j in range(len(scene)):
-            if int(result["has_box"][j]) == 0:
+            if int(result["has_box"][j]) == 0 or (unconverged == "omit" and not converged[j]):
                 continue
             R = np.asarray(result["R"][j], np.float64).reshape(-1)
             t = np.asarray(result["t"][j], np.float64).reshape(-1)
-            if not (np.all(np.isfinite(R)) and np.all(np.isfinite(t))):
+            if not (np.all(np.isfinite(R)) and np.all(np.isfinite(t))) or not t[2] > 0:
                 continue
+            score = float(result["score"][j]) if converged[j] else 0.0
             f.write(f"{int(scene[j])},{int(im[j])},{int(result['obj_id'][j])},"
-                    f"{float(result['score'][j]):.6f},{' '.join(f'{x:.8f}' for x in R)},"
+                    f"{score:.6f},{' '.join(f'{x:.8f}' for x in R)},"
                     f"{' '.join(f'{x:.4f}' for x in t)},{times[(int(scene[j]), int(im[j]))]:.4f}\n")
     return os.fspath(path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from typing import Dict, Mapping, Optional, Sequence
 
 import jax
@@ -142,8 +143,13 @@ class ExportedPoseModel:
         for name, path in paths.items():
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"exported model file not found: {path}")
-        with open(paths[META_FILE]) as f:
-            self.meta = json.load(f)
+        try:
+            with open(paths[META_FILE]) as f:
+                self.meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:   # truncated or not JSON
+            raise ValueError(f"{paths[META_FILE]}: not valid JSON ({err})") from None
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{paths[META_FILE]}: expected a JSON object, got {type(self.meta).__name__}")
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{paths[META_FILE]}: unsupported format_version "
                              f"{self.meta.get('format_version')!r} (expected {FORMAT_VERSION})")
@@ -156,8 +162,12 @@ class ExportedPoseModel:
         try:
             with np.load(paths[VARIABLES_FILE]) as z:
                 self.variables = _unflatten({k: z[k] for k in z.files})
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{paths[VARIABLES_FILE]}: cannot read the variables ({err})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:   # truncated / not an npz
+            raise ValueError(f"{paths[VARIABLES_FILE]}: cannot read the variables "
+                             f"({type(err).__name__}: {err})") from None
+        missing = [k for k in ("input_size", "output_size") if k not in self.meta]
+        if missing:
+            raise ValueError(f"{paths[META_FILE]}: lacks {', '.join(missing)}")
         self.input_size = int(self.meta["input_size"])
         self.output_size = int(self.meta["output_size"])
         ids = self.meta.get("obj_ids")

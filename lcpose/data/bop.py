@@ -185,11 +185,34 @@ def load_model(path: str | os.PathLike):
     F = np.asarray(mesh.faces, dtype=np.int32)
     if V.ndim != 2 or V.shape[1] != 3 or len(V) == 0 or F.ndim != 2 or F.shape[1] != 3 or len(F) == 0:
         raise BopFormatError(f"model {path} has no triangle mesh (vertices {V.shape}, faces {F.shape})")
+    _check_finite_vertices(mesh, V, path)
     colors = None
     vc = getattr(mesh.visual, "vertex_colors", None) if mesh.visual.kind == "vertex" else None
     if vc is not None and len(vc) == len(V):
         colors = np.asarray(vc)[:, :3].astype(np.uint8)
     return V, F, colors
+
+
+def _check_finite_vertices(mesh, V: np.ndarray, path: str) -> None:
+    """A non-finite vertex coordinate, normal or texture coordinate is an error naming the vertex
+    (NaN model points would make ADD of every pose NaN, i.e. a silent recall of 0)."""
+    raw = (mesh.metadata.get("_ply_raw") or {}).get("vertex", {}).get("data", {})
+    if isinstance(raw, np.ndarray):   # binary PLY: one structured array
+        raw = {k: raw[k] for k in (raw.dtype.names or ())}
+    # every float property of the PLY's vertex element (x, y, z, nx, ny, nz, texture_u, ...)
+    props = {k: np.asarray(v).reshape(len(V), -1) for k, v in raw.items()
+             if np.asarray(v).dtype.kind == "f" and np.asarray(v).size % len(V) == 0}
+    if not props:   # not a PLY (or trimesh without the raw data): what trimesh parsed
+        props = {"x/y/z": V}
+        uv = getattr(mesh.visual, "uv", None)
+        if uv is not None:
+            props["texture coordinate"] = np.asarray(uv, np.float64)
+    for name, a in props.items():
+        bad = ~np.all(np.isfinite(a), axis=1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise BopFormatError(f"model {path}: vertex {i} has a non-finite {name} "
+                                 f"({', '.join(str(x) for x in a[i])}; {int(bad.sum())} such vertices)")
 
 
 def _bbox3d(info: dict) -> np.ndarray:
@@ -412,23 +435,38 @@ def load_detections(path: str | os.PathLike) -> dict[tuple[int, int], list[dict]
             except ValueError as e:
                 raise BopFormatError(f"{path}: key {key!r} is not 'scene_id/im_id'") from e
             lst = out.setdefault((scene_id, im_id), [])
-            for d in dets:
-                _require(d, ["obj_id", "bbox_est", "score"], path, f"detection of {key}")
-                lst.append({"obj_id": int(d["obj_id"]), "bbox": [float(x) for x in d["bbox_est"]], "score": float(d["score"])})
+            for j, d in enumerate(dets):
+                where = f"detection {j} of {key!r}"
+                _require(d, ["obj_id", "bbox_est", "score"], path, where)
+                lst.append({"obj_id": int(d["obj_id"]), "bbox": _det_box(d["bbox_est"], path, where, "bbox_est"),
+                            "score": float(d["score"])})
     elif isinstance(data, list):
-        for d in data:
-            _require(d, ["scene_id", "image_id", "category_id", "bbox", "score"], path, "detection")
+        for j, d in enumerate(data):
+            _require(d, ["scene_id", "image_id", "category_id", "bbox", "score"], path, f"detection {j}")
+            where = f"detection {j} (scene {d['scene_id']}, image {d['image_id']})"
             out.setdefault((int(d["scene_id"]), int(d["image_id"])), []).append(
-                {"obj_id": int(d["category_id"]), "bbox": [float(x) for x in d["bbox"]], "score": float(d["score"])}
+                {"obj_id": int(d["category_id"]), "bbox": _det_box(d["bbox"], path, where, "bbox"),
+                 "score": float(d["score"])}
             )
     else:
         raise BopFormatError(f"{path}: expected a json object or list of detections")
     for lst in out.values():
-        for d in lst:
-            if len(d["bbox"]) != 4:
-                raise BopFormatError(f"{path}: a bbox must be [x, y, w, h]")
         lst.sort(key=lambda d: -d["score"])
     return out
+
+
+def _det_box(box, path: str, where: str, field: str) -> list[float]:
+    """[x, y, w, h] of a detection; a box that is not 4 finite numbers with w, h > 0 is an error
+    (a zero width would build the crop from the height alone)."""
+    try:
+        b = [float(x) for x in box]
+    except (TypeError, ValueError):
+        b = []
+    if len(b) != 4 or not all(np.isfinite(b)):
+        raise BopFormatError(f"{path}: {where}: {field} must be 4 finite numbers [x, y, w, h], got {box!r}")
+    if b[2] <= 0 or b[3] <= 0:
+        raise BopFormatError(f"{path}: {where}: {field} {box!r} has a width or height <= 0")
+    return b
 
 
 def load_test_targets(root: str | os.PathLike, name: str = "test_targets_bop19.json") -> list[dict]:

@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -55,6 +56,8 @@ __all__ = [
     "write_ply",
     "generate_synthetic_bop",
     "default_cache_dir",
+    "check_writable",
+    "CacheNotWritableError",
     "ensure_synthetic_bop",
     "ensure_synthetic_tfds",
     "DEFAULTS",
@@ -689,6 +692,33 @@ def default_cache_dir() -> str:
     return env if env else os.path.join(os.path.expanduser("~"), ".cache", "lcpose")
 
 
+class CacheNotWritableError(PermissionError):
+    """A folder lcpose must write generated or converted data into is not writable."""
+
+
+def check_writable(folder: str | os.PathLike) -> str:
+    """Create ``folder`` and check that files can be written there; returns it.
+
+    Raises `CacheNotWritableError` with one line naming the folder (and, when it lies in the
+    cache, `default_cache_dir()`, saying to set ``LCPOSE_CACHE``).
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".lcpose-write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        cache = os.path.abspath(default_cache_dir())
+        if os.path.commonpath([cache, folder]) == cache:
+            raise CacheNotWritableError(f"the cache folder {cache} is not writable ({reason}: {folder}); "
+                                        f"set LCPOSE_CACHE to a writable folder") from None
+        raise CacheNotWritableError(f"the folder {folder} is not writable ({reason}); "
+                                    f"choose a writable one") from None
+    return folder
+
+
 def _config_key(**cfg) -> str:
     cfg = dict(cfg, format_version=_FORMAT_VERSION)
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
@@ -719,7 +749,7 @@ def ensure_synthetic_bop(
     root = os.path.join(cache_dir, "synthetic_bop", f"lcpose_synth_{_config_key(**cfg)}")
     if os.path.isfile(os.path.join(root, "synthetic_config.json")):
         return root
-    os.makedirs(os.path.dirname(root), exist_ok=True)
+    check_writable(os.path.dirname(root))
     tmp = f"{root}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)

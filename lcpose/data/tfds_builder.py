@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import cv2
@@ -306,6 +307,16 @@ def _lm_train_lists(lm_root: str, obj_ids) -> dict[int, list[int]] | None:
     return out
 
 
+def _warn_unboxed(detections, dets, split, tasks):
+    """Warn when a detection file leaves every test instance without a box (an empty file, or
+    one of another dataset): they would all count as misses, silently."""
+    n = sum(len(lst) for _, lst in tasks)
+    if n and not any(inst["has_det"] for _, lst in tasks for inst in lst):
+        what = "holds no detections" if not any(dets.values()) else "has no detection for any of them"
+        warnings.warn(f"{detections} {what}: all {n} test instances of split {split!r} are left "
+                      f"without a box (each counts as a miss)", stacklevel=3)
+
+
 def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stride, min_visib_fract):
     """[(rgb path, [instance dicts])] for one split."""
     spec = bop.DATASETS[dataset]
@@ -359,6 +370,8 @@ def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stri
             )
         if lst:
             tasks.append((scene.rgb_path(im_id), lst))
+    if detections is not None and split == spec["test_split"]:
+        _warn_unboxed(detections, dets, split, tasks)
     return tasks, n_skipped
 
 
@@ -525,6 +538,10 @@ def build_tfds(
         workers = min(os.cpu_count() or 1, 8)
     name = f"bop_{dataset}"
     ds_dir = dataset_dir(out, dataset)
+    if not all(_split_complete(ds_dir, split) for split in splits):
+        from lcpose.data.synthetic import check_writable
+
+        check_writable(ds_dir)     # one line naming the folder (LCPOSE_CACHE) instead of an OSError
     os.makedirs(ds_dir, exist_ok=True)
 
     meta_path = os.path.join(ds_dir, _META)
@@ -561,6 +578,8 @@ def build_tfds(
         shard_lengths, num_bytes = _write_split(ds_dir, name, split, tasks, workers, progress, init_args)
         meta["splits"][split] = dict(
             num_examples=int(sum(shard_lengths)), num_images=len(tasks), skipped_instances=n_skipped,
+            instances_without_box=int(sum(1 for _, lst in tasks for i in lst if not i["has_det"]))
+            if split == spec["test_split"] else None,
             min_visib_fract=mvf, shard_lengths=shard_lengths, num_bytes=num_bytes,
             detections=None if detections is None or split != spec["test_split"] else os.path.abspath(detections),
             seconds=round(time.time() - t0, 1),

@@ -20,9 +20,11 @@ Files in ``workdir``:
 
 Resumption: ``train(..., resume=True)`` continues from the newest checkpoint with the saved
 iterator state, so a killed run reaches the same parameters as an uninterrupted one (the step
-is deterministic; tested bitwise on CPU). A run with ``resume=False`` deletes ``ckpt/`` first.
+is deterministic; tested bitwise on CPU). A run with ``resume=False`` refuses a folder whose
+``ckpt/`` holds checkpoints unless ``overwrite=True`` (which deletes them first).
 The configuration saved with a checkpoint must match the one resumed with (apart from
-logging/checkpoint intervals), otherwise ``ValueError`` names the differing fields.
+logging/checkpoint intervals), otherwise :class:`~lcpose.train.workdir.WorkdirError` (a
+ValueError) names the differing fields.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from lcpose.train.objective import ObjectiveConfig, make_objective, uses_scale_b
 from lcpose.train.optim import flat_cosine_schedule, ranger
 from lcpose.train.progress import ProgressLogger
 from lcpose.train.state import TrainState
+from lcpose.train.workdir import WorkdirError, config_differences
 from lcpose.train.step import AXIS_NAME, make_train_step, replicate, shard_batch, unreplicate
 
 __all__ = ["TrainConfig", "TrainResult", "train", "build_model", "load_trained", "config_from_meta",
@@ -218,19 +221,14 @@ def _meta(cfg: TrainConfig, objective: ObjectiveConfig, tfds_dir: str, extra: Op
 def _check_resumable(saved: Optional[dict], now: dict, path: str):
     if not saved:
         return
-    diffs = []
     # a field added since the run was saved reads as its default
     defaults = {"train": _defaults(TrainConfig), "objective": _defaults(ObjectiveConfig)}
-    for section in ("train", "objective"):
-        a, b = {**defaults[section], **saved.get(section, {})}, now[section]
-        for k in sorted(set(a) | set(b)):
-            if k in _RESUMABLE_CHANGES:
-                continue
-            if json.loads(json.dumps(a.get(k))) != json.loads(json.dumps(b.get(k))):
-                diffs.append(f"{section}.{k}: saved {a.get(k)!r}, now {b.get(k)!r}")
+    diffs = config_differences({k: {**defaults[k], **saved.get(k, {})} for k in ("train", "objective")},
+                               {k: now[k] for k in ("train", "objective")},
+                               ignore=_RESUMABLE_CHANGES)
     if diffs:
-        raise ValueError(f"cannot resume from {path}: the configuration differs ("
-                         + "; ".join(diffs) + "); use another workdir or resume=False")
+        raise WorkdirError(f"cannot resume from {path}: the configuration differs ("
+                           + "; ".join(diffs) + "); use another workdir or resume=False")
 
 
 def _defaults(cls) -> dict:
@@ -239,8 +237,8 @@ def _defaults(cls) -> dict:
 
 
 def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
-          resume: bool = False, max_steps: Optional[int] = None, progress: bool = True,
-          desc: str = "train", meta: Optional[dict] = None) -> TrainResult:
+          resume: bool = False, overwrite: bool = False, max_steps: Optional[int] = None,
+          progress: bool = True, desc: str = "train", meta: Optional[dict] = None) -> TrainResult:
     """Train GDR-Net on ``cfg.train_split`` of ``tfds_dir``; see the module docstring.
 
     Args:
@@ -248,6 +246,8 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
       workdir: folder of this run (checkpoints, metrics, curves).
       cfg, objective: the run.
       resume: continue from the newest checkpoint in ``workdir/ckpt`` (if any).
+      overwrite: without ``resume``, delete the checkpoints of a previous run in ``workdir``;
+        when False (default) such a folder is refused (:class:`WorkdirError`).
       max_steps: stop this session after that many steps without the final save (used to
         simulate a killed run); the result is then the state at that point.
       progress: show a tqdm bar. desc: its label. meta: extra JSON saved with checkpoints.
@@ -258,6 +258,11 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
 
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.join(workdir, "ckpt")
+    if not resume and not overwrite and os.path.isdir(ckpt_dir) and any(
+            d.isdigit() for d in os.listdir(ckpt_dir)):
+        raise WorkdirError(f"{ckpt_dir} holds the checkpoints of a previous run; resume it "
+                           f"(resume=True) or delete them (overwrite=True)")
     n_dev = jax.local_device_count()
     n_proc = jax.process_count()
     if cfg.batch_size % (n_dev * n_proc):
@@ -282,7 +287,6 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
                                  tx=tx, rng=jax.random.PRNGKey(cfg.seed),
                                  clip_names=[name for name, _ in output_clips(cfg)])
 
-    ckpt_dir = os.path.join(workdir, "ckpt")
     if not resume and os.path.isdir(ckpt_dir):
         shutil.rmtree(ckpt_dir)
     ckpt = Checkpointer(ckpt_dir, save_interval_steps=cfg.ckpt_every,
