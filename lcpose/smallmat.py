@@ -19,6 +19,7 @@ __all__ = [
     "matmul_small",
     "cholesky_small",
     "solve_lower_small",
+    "solve_upper_t_small",
     "cho_solve_small",
     "spd_inverse",
 ]
@@ -64,8 +65,8 @@ def solve_lower_small(L, b):
     return jnp.stack(x)
 
 
-def _solve_upper_t_small(L, b):
-    """L^-T b by unrolled back substitution."""
+def solve_upper_t_small(L, b):
+    """L^-T b for lower-triangular L (n, n) and b (n, ...) by unrolled back substitution."""
     n = L.shape[-1]
     x = [None] * n
     for i in reversed(range(n)):
@@ -78,7 +79,7 @@ def _solve_upper_t_small(L, b):
 
 def cho_solve_small(L, b):
     """(L L^T)^-1 b for a Cholesky factor L (n, n) and b (n, ...)."""
-    return _solve_upper_t_small(L, solve_lower_small(L, b))
+    return solve_upper_t_small(L, solve_lower_small(L, b))
 
 
 @jax.custom_vjp

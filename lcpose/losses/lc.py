@@ -1,4 +1,4 @@
-"""The Linear-Covariance (LC) loss (Liu, Hu & Salzmann, CVPR 2023).
+"""The Linear-Covariance (LC) loss (Liu, Hu & Salzmann, ICCV 2023).
 
 Instead of solving PnP and comparing the solved pose with the ground truth, the LC loss
 linearises the PnP solver at the ground-truth pose y_gt (Eqs. 9-11): a perturbation dx2d of the
@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from lcpose import geometry
-from lcpose.losses.common import masked_weights
+from lcpose.pnp import cost
 from lcpose.pnp.checks import check_correspondences
-from lcpose.smallmat import matmul_small, spd_inverse
+from lcpose.smallmat import matmul_small
 
 __all__ = ["LCTerms", "lc_loss", "robust_weights", "representation_fn", "REPRESENTATIONS", "huber2"]
 
@@ -44,12 +44,18 @@ RESIDUAL_CLAMP_PX = 32.0
 
 
 class LCTerms(NamedTuple):
-    """LC loss of one instance and its terms (leading batch axis under vmap)."""
+    """LC loss of one instance and its terms (leading batch axis under vmap).
+
+    valid: False for an instance the loss cannot be evaluated on (a non-finite valid point, or a
+      Gauss-Newton Hessian at the ground truth that is singular: all-zero weights, collinear
+      points); its loss and terms are then 0 and its gradient is zero.
+    """
 
     loss: jax.Array
     e_cov: jax.Array
     e_prior: jax.Array
     e_linear: jax.Array
+    valid: jax.Array
 
 
 def huber2(a, d):
@@ -195,14 +201,15 @@ def _quad_forms(S, J):
 
 def _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust):
     n = x3d.shape[0]
-    uv, J = geometry.project_with_jacobian_points_last(x3d.T, R, t, K)  # (2, N), (2, 6, N)
-    r_c, M, W, dM, dW = _robust_weights_and_slopes(x2d.T - uv, w2d.T, valid, robust)
+    # The solver's residuals and Jacobians at the ground truth (lcpose.pnp.cost, as linearize_at).
+    r, J = cost.residuals_and_jacobian_t(x3d.T, x2d.T, R, t, K)  # (2, N), (2, 6, N)
+    r_c, M, W, dM, dW = _robust_weights_and_slopes(r, w2d.T, valid, robust)
     # All 2N point-axes side by side (u of every point, then v): every per-point quantity is one
     # contiguous row and the sums are thin (6 x 2N) products.
-    J = jnp.concatenate([J[0], J[1]], axis=1)
+    J = cost.stack_axes(J)
     r_c, M, W, dM, dW = (a.reshape(2 * n) for a in (r_c, M, W, dM, dW))
-    H = (J * W) @ J.T
-    G = (J * (W * W * M)) @ J.T
+    H = cost.weighted_gram(J, W)  # the Gauss-Newton Hessian of linearize_at
+    G = cost.weighted_gram(J, W * W * M)
     b = J @ (W * r_c)
     return (H, G, b), (J, r_c, M, W, dM, dW, R)
 
@@ -253,9 +260,11 @@ _point_sums.defvjp(_point_sums_vjp_fwd, _point_sums_vjp_bwd)
 
 def _terms_fwd(H, G, b, J_f, groups, nll):
     dtype = H.dtype
-    trace = jnp.trace(H)
-    H = H + jnp.finfo(dtype).eps * jnp.abs(trace) * jnp.eye(6, dtype=dtype)
-    P = spd_inverse(H)  # C_prior (Eq. 14)
+    # C_prior = H^-1 (Eq. 14), Jacobi-conditioned and without a ridge (lcpose.pnp.cost). A
+    # singular H (flagged) is replaced by the identity: finite terms, which the caller discards.
+    P, ok, lam_min = cost.spd_inverse_and_conditioning(H)
+    ok = ok & (lam_min > cost.tolerances(dtype)[2])
+    P = jnp.where(ok, P, jnp.eye(6, dtype=dtype))
     # G is symmetric up to rounding; using it twice also keeps XLA from fusing the product below
     # into G's library call (YNNPACK), which made that call slower and wait for P.
     G = 0.5 * (G + G.T)
@@ -277,13 +286,14 @@ def _terms_fwd(H, G, b, J_f, groups, nll):
         terms = tuple(jnp.mean(v) for v in sums)
         slopes = [jnp.ones_like(v) for v in sums]
     slopes = [s / len(groups) for s in slopes]  # the mean over groups
-    return terms, (P, PG, b, e_lin, J_f, trace, slopes)
+    return terms + (ok.astype(dtype),), (P, PG, b, e_lin, J_f, slopes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _lc_terms(H, G, b, J_f, groups, nll, detach_weights):
-    """(E_cov, E_prior, E_linear) from the sums of `_point_sums` and the representation's
-    Jacobian J_f (K, 6); `detach_weights` stops E_cov's gradient through H (Table 4, C1)."""
+    """(E_cov, E_prior, E_linear, ok) from the sums of `_point_sums` and the representation's
+    Jacobian J_f (K, 6); `detach_weights` stops E_cov's gradient through H (Table 4, C1). ok
+    (1.0 or 0.0, no gradient) says whether H was positive definite and not near singular."""
     return _terms_fwd(H, G, b, J_f, groups, nll)[0]
 
 
@@ -292,8 +302,8 @@ def _lc_terms_vjp_fwd(H, G, b, J_f, groups, nll, detach_weights):
 
 
 def _lc_terms_vjp_bwd(groups, nll, detach_weights, res, cts):
-    P, PG, b, e_lin, J_f, trace, slopes = res
-    cov_bar, prior_bar, lin_bar = (_group_expand(c * s, groups) for c, s in zip(cts, slopes))
+    P, PG, b, e_lin, J_f, slopes = res
+    cov_bar, prior_bar, lin_bar = (_group_expand(c * s, groups) for c, s in zip(cts[:3], slopes))
     # diag(J_f X J_f^T) -> X_bar = J_f^T diag(x_bar) J_f, for X = C and X = P in one op
     w = jnp.stack([cov_bar, prior_bar])  # (2, K)
     C_bar, P_bar = matmul_small(J_f.T * w[:, None, :], J_f)
@@ -305,8 +315,6 @@ def _lc_terms_vjp_bwd(groups, nll, detach_weights, res, cts):
         P_bar = P_bar + T + T.T
     # G_bar = P C_bar P and H_bar = -P P_bar P (d H^-1 = -H^-1 dH H^-1) in one pair of products
     G_bar, H_bar = matmul_small(matmul_small(P, jnp.stack([C_bar, -P_bar])), P)
-    eps = jnp.finfo(H_bar.dtype).eps
-    H_bar = H_bar + eps * jnp.sign(trace) * jnp.trace(H_bar) * jnp.eye(6, dtype=H_bar.dtype)
     return H_bar, G_bar, b_bar, None
 
 
@@ -352,7 +360,9 @@ def lc_loss(
         longer constrained: train without the scale branch).
 
     Returns:
-      LCTerms(loss, e_cov, e_prior, e_linear). Gradients reach x2d and x3d through the residuals
+      LCTerms(loss, e_cov, e_prior, e_linear, valid). An instance with a non-finite valid point
+      or a singular Hessian at the ground truth (all-zero weights, collinear points) has
+      valid=False, loss and terms 0 and zero gradient; the others are unaffected. Gradients reach x2d and x3d through the residuals
       (E_cov) and w2d through A and H (E_cov, E_prior, E_linear); none reach A through x3d.
       Reverse mode only (jax.grad, jax.vjp): the backward passes are hand-written
       (`jax.custom_vjp`), so jax.jvp / jax.jacfwd of the loss raise.
@@ -368,9 +378,24 @@ def lc_loss(
     dtype = jnp.result_type(x2d, x3d, w2d)
     x2d, x3d = jnp.asarray(x2d, dtype), jnp.asarray(x3d, dtype)
     n = x3d.shape[0]
-    w2d = masked_weights(w2d, n, dtype)  # valid enters only the means, not the weights
+    w2d = cost.point_weights(w2d, n, dtype)  # valid enters only the means, not the weights
     K, R_gt, t_gt, bbox3d = (sg(jnp.asarray(a, dtype)) for a in (K, R_gt, t_gt, bbox3d))
     valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
+
+    # Bad input is a flag, not a NaN: a non-finite valid point (or pose, K, box) marks the
+    # instance invalid, and then every point is zeroed (H = 0, finite terms that are discarded);
+    # a non-finite invalid point is dropped (zero weight). Double where: the zeroed copies keep
+    # NaN out of the gradient.
+    finite = jnp.all(jnp.isfinite(x2d), 1) & jnp.all(jnp.isfinite(x3d), 1) & jnp.all(jnp.isfinite(w2d), 1)
+    cam_ok = jnp.all(jnp.isfinite(K)) & jnp.all(jnp.isfinite(R_gt)) & jnp.all(jnp.isfinite(t_gt))
+    cam_ok = cam_ok & jnp.all(jnp.isfinite(bbox3d))
+    inputs_ok = jnp.all(finite | (valid_f <= 0)) & cam_ok
+    keep = (finite & inputs_ok)[:, None]
+    x2d, x3d, w2d = (jnp.where(keep, a, 0.0) for a in (x2d, x3d, w2d))
+    K = jnp.where(cam_ok, K, jnp.eye(3, dtype=dtype))
+    R_gt = jnp.where(cam_ok, R_gt, jnp.eye(3, dtype=dtype))
+    t_gt = jnp.where(cam_ok, t_gt, jnp.array([0.0, 0.0, 1.0], dtype))
+    bbox3d = jnp.where(cam_ok, bbox3d, jnp.ones_like(bbox3d))
 
     # 1-4. residuals under the ground truth, the robust weighting (points-last layout) and the
     # solver linearised at the ground truth with x3d held constant (Eqs. 9-11): with J_i the
@@ -385,7 +410,7 @@ def lc_loss(
     # J_f C J_f^T is needed.
     f, groups = representation_fn(representation, R_gt, t_gt, K, bbox3d)
     J_f = _bbox3d_jacobian(R_gt, bbox3d) if representation == "bbox3d" else jax.jacfwd(f)(jnp.zeros(6, dtype))
-    e_cov, e_prior, e_linear = _lc_terms(H, G, b, J_f, groups, nll, detach_weights_cov)
+    e_cov, e_prior, e_linear, h_ok = _lc_terms(H, G, b, J_f, groups, nll, detach_weights_cov)
 
     # 6. Eq. 17 with the Table 4 switches.
     e_cov_used = e_cov if use_cov else jnp.zeros_like(e_cov)
@@ -394,4 +419,12 @@ def lc_loss(
         loss = jnp.log(e_prior) + 0.5 * (e_cov_used + e_lin_used) / e_prior
     else:
         loss = 0.5 * (e_cov_used + e_lin_used)
-    return LCTerms(loss=loss, e_cov=e_cov, e_prior=e_prior, e_linear=e_linear)
+    ok = inputs_ok & (h_ok > 0) & jnp.isfinite(loss)
+    zero = jnp.zeros_like(loss)
+    return LCTerms(
+        loss=jnp.where(ok, loss, zero),
+        e_cov=jnp.where(ok, e_cov, zero),
+        e_prior=jnp.where(ok, e_prior, zero),
+        e_linear=jnp.where(ok, e_linear, zero),
+        valid=ok,
+    )

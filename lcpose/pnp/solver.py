@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from lcpose import geometry
+from lcpose.pnp import cost
 from lcpose.pnp.checks import check_correspondences, check_pose
 from lcpose.pnp.epnp import _epnp_impl
+from lcpose.smallmat import solve_lower_small, solve_upper_t_small
 
 __all__ = ["PnPResult", "solve", "implicit_jacobian", "linearize_at", "pnp_cost", "gauss_newton_hessian"]
 
@@ -54,60 +56,19 @@ class PnPResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Cost and its local models
+# Cost and its local models (the pieces live in lcpose.pnp.cost)
 # ----------------------------------------------------------------------------------------------
-
-
-def _robust_point_cost(e, huber):
-    """rho(||e||) per point for weighted residuals e (N, 2)."""
-    s2 = jnp.sum(e * e, axis=-1)
-    if huber is None:
-        return 0.5 * s2
-    small = s2 <= huber * huber
-    s = jnp.sqrt(jnp.where(small, jnp.ones_like(s2), s2))
-    return jnp.where(small, 0.5 * s2, huber * (s - 0.5 * huber))
-
-
-def _irls_weights(e, huber):
-    """rho'(s) / s: 1 inside the Huber threshold, huber / s outside."""
-    if huber is None:
-        return jnp.ones(e.shape[:-1], e.dtype)
-    s2 = jnp.sum(e * e, axis=-1)
-    inside = s2 <= huber * huber
-    # double where: no sqrt at 0 (its gradient would be NaN for a point with zero residual)
-    s = jnp.sqrt(jnp.where(inside, jnp.ones_like(s2), s2))
-    return jnp.where(inside, 1.0, huber / s)
 
 
 def pnp_cost(R, t, x3d, x2d, w2, K, huber=None):
     """The robust PnP cost sum_i rho(||w_i * r_i||) of one instance (w2 (N, 2), zero = ignored)."""
-    e = w2 * (x2d - geometry.project(x3d, R, t, K))
-    return jnp.sum(_robust_point_cost(e, huber))
+    return cost.robust_cost(R, t, x3d, x2d, w2, K, huber)
 
 
 def gauss_newton_hessian(R, t, x3d, x2d, w2, K, huber=None):
     """Gauss-Newton Hessian sum_i rho_i J_i^T diag(w_i^2) J_i and gradient of the cost at (R, t)."""
-    H, grad, _ = _gauss_newton_terms(R, t, x3d.T, x2d.T, w2.T, K, huber)
+    H, grad, _ = cost.gauss_newton_t(R, t, x3d.T, x2d.T, w2.T, K, huber)
     return H, grad
-
-
-def _point_costs_t(R, t, x3d_t, x2d_t, w2_t, K, huber):
-    """Per-point robust costs (N,) in the points-last layout."""
-    e = w2_t * (x2d_t - geometry.project_points_last(x3d_t, R, t, K))
-    return _robust_point_cost(e.T, huber)
-
-
-def _gauss_newton_terms(R, t, x3d_t, x2d_t, w2_t, K, huber):
-    """(H, gradient, per-point costs) from one pass over the points (points-last layout)."""
-    uv, J = geometry.project_with_jacobian_points_last(x3d_t, R, t, K)
-    e = w2_t * (x2d_t - uv)  # (2, N)
-    rho_w = _irls_weights(e.T, huber)  # (N,)
-    # One (6, 2N) block so that H is a single thin matrix product.
-    Jw = jnp.concatenate([J[0] * w2_t[0], J[1] * w2_t[1]], axis=1)
-    rho2 = jnp.concatenate([rho_w, rho_w])
-    H = (Jw * rho2) @ Jw.T
-    grad = -(Jw @ (rho2 * e.reshape(-1)))
-    return H, grad, _robust_point_cost(e.T, huber)
 
 
 def _exact_hessian(R, t, x3d, x2d, w2, K, huber):
@@ -115,24 +76,6 @@ def _exact_hessian(R, t, x3d, x2d, w2, K, huber):
         return pnp_cost(*geometry.retract(R, t, delta), x3d, x2d, w2, K, huber)
 
     return jax.hessian(c)(jnp.zeros(6, R.dtype))
-
-
-def _tolerances(dtype):
-    """(relative predicted decrease, step size, conditioning) tolerances for the dtype."""
-    if jnp.finfo(dtype).bits <= 32:
-        return 1e-6, 1e-6, 1e-5
-    return 1e-13, 1e-11, 1e-10
-
-
-def _well_conditioned(H, tol):
-    """Scale-free conditioning test: smallest eigenvalue of the Jacobi-scaled Hessian."""
-    d = jnp.diagonal(H)
-    ok_diag = jnp.all(d > jnp.finfo(H.dtype).tiny) & jnp.all(jnp.isfinite(H))
-    dinv = jnp.where(ok_diag, 1.0 / jnp.sqrt(jnp.where(d > 0, d, 1.0)), 0.0)
-    Hn = H * dinv[:, None] * dinv[None, :]
-    Hn = jnp.where(ok_diag, Hn, jnp.eye(6, dtype=H.dtype))
-    lam_min = jnp.linalg.eigvalsh(Hn)[0]
-    return ok_diag & (lam_min > tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,30 +95,33 @@ class _LMState(NamedTuple):
 
 def _levenberg_marquardt(x3d, x2d, w2, K, R0, t0, huber, iters):
     dtype = x3d.dtype
-    ftol, xtol, _ = _tolerances(dtype)
+    ftol, xtol, _ = cost.tolerances(dtype)
+    eps = jnp.finfo(dtype).eps
 
     # Points-last copies, made once outside the loop.
     x3d_t, x2d_t, w2_t = x3d.T, x2d.T, w2.T
 
     def point_costs(R, t):
-        return _point_costs_t(R, t, x3d_t, x2d_t, w2_t, K, huber)
+        e = w2_t * (x2d_t - geometry.project_points_last(x3d_t, R, t, K))
+        return cost.robust_point_costs_t(e, huber)
 
     def body(s: _LMState) -> _LMState:
-        H, grad, _ = _gauss_newton_terms(s.R, s.t, x3d_t, x2d_t, w2_t, K, huber)
-        cost = jnp.sum(s.costs)
-        reg = jnp.finfo(dtype).eps * jnp.trace(H)
-        # Newton decrement of the undamped Gauss-Newton step, 0.5 g^T H^-1 g = 0.5 |L^-1 g|^2 (a
-        # sum of squares, no cancellation in float32): the decrease still available.
-        L = jnp.linalg.cholesky(H + reg * jnp.eye(6, dtype=dtype))
-        y = jax.scipy.linalg.solve_triangular(L, grad, lower=True)
+        H, grad, _ = cost.gauss_newton_t(s.R, s.t, x3d_t, x2d_t, w2_t, K, huber)
+        total = jnp.sum(s.costs)
+        # Jacobi-scaled Cholesky of H (unit diagonal, a ridge of eps relative to it): unit-free.
+        L, sc, ok_H = cost.spd_cholesky(H, ridge=eps)
+        # Newton decrement of the undamped Gauss-Newton step, 0.5 g^T H^-1 g = 0.5 |L^-1 S g|^2
+        # (a sum of squares, no cancellation in float32): the decrease still available.
+        y = solve_lower_small(L, sc * grad)
         decrement = 0.5 * jnp.sum(y * y)
-        delta_gn = -jax.scipy.linalg.solve_triangular(L.T, y, lower=False)
+        delta_gn = -sc * solve_upper_t_small(L, y)
         # When that decrease is below what the cost can resolve (float32: residuals of ~500 px
         # carry ~3e-5 px of rounding), a measured cost change is noise: take the plain
         # Gauss-Newton step from next to the minimum, and stop.
-        at_floor = jnp.isfinite(decrement) & (decrement <= ftol * cost)
-        damping = s.lam * jnp.diagonal(H) + reg
-        delta = jnp.where(at_floor, delta_gn, -jnp.linalg.solve(H + jnp.diag(damping), grad))
+        at_floor = ok_H & jnp.isfinite(decrement) & (decrement <= ftol * total)
+        # Marquardt's damping H + lam diag(H) is the ridge lam on the Jacobi-scaled matrix.
+        delta_lm, _ = cost.spd_solve(H, grad, ridge=s.lam + eps)
+        delta = jnp.where(at_floor, delta_gn, -delta_lm)
         delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, jnp.zeros_like(delta))
         R_new, t_new = geometry.retract(s.R, s.t, delta)
         costs_new = point_costs(R_new, t_new)
@@ -186,8 +132,8 @@ def _levenberg_marquardt(x3d, x2d, w2, K, R0, t0, huber, iters):
         small_step = (jnp.linalg.norm(delta[:3]) < xtol) & (
             jnp.linalg.norm(delta[3:]) < xtol * (1.0 + jnp.linalg.norm(s.t))
         )
-        converged_now = at_floor | (accept & small_step) | (cost == 0)
-        stalled = (~accept) & (s.lam > 1e6) & jnp.isfinite(cost)
+        converged_now = at_floor | (accept & small_step) | (total == 0)
+        stalled = (~accept) & (s.lam > 1e6) & jnp.isfinite(total)
         return _LMState(
             R=jnp.where(accept, R_new, s.R),
             t=jnp.where(accept, t_new, s.t),
@@ -248,11 +194,10 @@ def _attach_bwd(huber, res, cotangents):
     _, vjp_retract = jax.vjp(lambda d: geometry.retract(R, t, d), jnp.zeros(6, dtype))
     (v,) = vjp_retract((gR, gt))
     H = _exact_hessian(R, t, x3d, x2d, w2, K, huber)
-    H = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
-    lam = jnp.linalg.solve(H, v)  # H is symmetric: H^-T v = H^-1 v
+    lam, ok_H = cost.spd_solve(H, v)  # H is symmetric: H^-T v = H^-1 v
     _, vjp_g = jax.vjp(lambda a, b, c, k: _stationarity(R, t, a, b, c, k, huber), x3d, x2d, w2, K)
     bars = vjp_g(-lam)
-    good = (ok > 0) & jnp.all(jnp.isfinite(lam))
+    good = (ok > 0) & ok_H
     bars = [jnp.where(good & jnp.isfinite(b), b, jnp.zeros_like(b)) for b in bars]
     x3d_bar, x2d_bar, w2_bar, K_bar = bars
     return (jnp.zeros_like(R), jnp.zeros_like(t), x3d_bar, x2d_bar, w2_bar, K_bar, jnp.zeros_like(ok))
@@ -277,11 +222,14 @@ def linearize_at(x3d_t, W_t, K, R, t, *, huber=None, x2d_t=None, hessian="gauss_
     x2d_t is needed only with Huber or the exact Hessian (the residuals enter there).
     """
     dtype = x3d_t.dtype
-    uv, J = geometry.project_with_jacobian_points_last(x3d_t, R, t, K)  # (2, N), (2, 6, N)
     if x2d_t is None:
         if huber is not None or hessian == "exact":
             raise ValueError("x2d is needed with huber or hessian='exact'")
+        uv, J = geometry.project_with_jacobian_points_last(x3d_t, R, t, K)  # (2, N), (2, 6, N)
         x2d_t = uv  # residual-free: only derivatives of g w.r.t. x2d are used
+    else:
+        r, J = cost.residuals_and_jacobian_t(x3d_t, x2d_t, R, t, K)
+        uv = x2d_t - r
     sqrt_free = huber is None
 
     def g_i(x2d_i, uv_i, J_i, W_i):
@@ -290,8 +238,7 @@ def linearize_at(x3d_t, W_t, K, R, t, *, huber=None, x2d_t=None, hessian="gauss_
         r_i = x2d_i - uv_i
         wr = W_i * r_i
         if not sqrt_free:
-            s_i = jnp.sqrt(jnp.sum(W_i * r_i * r_i))
-            wr = wr * jnp.where(s_i <= huber, 1.0, huber / jnp.maximum(s_i, jnp.finfo(dtype).tiny))
+            wr = wr * cost.irls_weights_t((jnp.sqrt(W_i) * r_i)[:, None], huber)[0]
         return -(J_i[0] * wr[0] + J_i[1] * wr[1])
 
     # dg_i/dx2d_i (6, 2) per point by forward mode, vmapped over the (last) point axis.
@@ -301,21 +248,16 @@ def linearize_at(x3d_t, W_t, K, R, t, *, huber=None, x2d_t=None, hessian="gauss_
         w2 = jnp.sqrt(W_t).T
         H = _exact_hessian(R, t, x3d_t.T, x2d_t.T, w2, K, huber)
     else:
-        if sqrt_free:
-            rho = jnp.ones_like(W_t[0])
-        else:
-            rho = _irls_weights((jnp.sqrt(W_t) * (x2d_t - uv)).T, huber)
-        Jf = jnp.concatenate([J[0], J[1]], axis=1)  # (6, 2N): one thin matrix product
-        Wf = jnp.concatenate([W_t[0] * rho, W_t[1] * rho])
-        H = (Jf * Wf) @ Jf.T
-    H = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
+        rho = cost.irls_weights_t(jnp.sqrt(W_t) * (x2d_t - uv), huber)
+        H = cost.weighted_gram(cost.stack_axes(J), jnp.concatenate([W_t[0] * rho, W_t[1] * rho]))
     return dg, H
 
 
 def _apply_inverse(H, dg):
     """A = -H^-1 dg for dg (6, 2, N): a 6x6 inverse applied by 6 fused multiply-adds over the
-    points (XLA on CPU runs a solve with 2N right-hand sides, or a vmapped small matmul, slower)."""
-    H_inv = jnp.linalg.inv(H)
+    points (XLA on CPU runs a solve with 2N right-hand sides, or a vmapped small matmul, slower).
+    A singular H gives A = 0."""
+    H_inv, _ = cost.spd_inverse(H)
     return -geometry.lincomb_points_last(H_inv, dg.reshape(6, -1)).reshape(dg.shape)
 
 
@@ -337,9 +279,7 @@ def implicit_jacobian(x3d, x2d, w2d, K, R, t, *, valid=None, huber=None, hessian
     x3d, x2d = jnp.asarray(x3d, dtype), jnp.asarray(x2d, dtype)
     K = jnp.asarray(K, dtype)
     n = x3d.shape[0]
-    w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
-    if valid is not None:
-        w2 = w2 * jnp.asarray(valid, dtype)[:, None]
+    w2 = cost.point_weights(w2d, n, dtype, valid)
     dg, H = linearize_at(x3d.T, (w2 * w2).T, K, R, t, huber=huber, x2d_t=x2d.T, hessian=hessian)
     return _apply_inverse(H, dg).transpose(0, 2, 1).reshape(6, 2 * n)
 
@@ -356,7 +296,7 @@ def _prepare(x3d, x2d, w2d, K, valid):
         dtype = jnp.float32
     x3d, x2d, K = (jnp.asarray(a, dtype) for a in (x3d, x2d, K))
     n = x3d.shape[0]
-    w2 = jnp.broadcast_to(jnp.asarray(w2d, dtype).reshape(n, -1), (n, 2))
+    w2 = cost.point_weights(w2d, n, dtype)
     valid_f = jnp.ones((n,), dtype) if valid is None else jnp.asarray(valid).astype(dtype)
     finite_pt = (
         jnp.all(jnp.isfinite(x3d), axis=1) & jnp.all(jnp.isfinite(x2d), axis=1) & jnp.all(jnp.isfinite(w2), axis=1)
@@ -418,7 +358,7 @@ def solve(
     t0 = jnp.where(jnp.all(jnp.isfinite(t0)), t0, jnp.array([0.0, 0.0, 1.0], dtype))
 
     s = _levenberg_marquardt(x3d_c, x2d_c, w2_c, K_c, R0, t0, huber, int(iters))
-    _, _, cond_tol = _tolerances(dtype)
+    _, _, cond_tol = cost.tolerances(dtype)
     H, _ = gauss_newton_hessian(s.R, s.t, x3d_c, x2d_c, w2_c, K_c, huber)
     depth = geometry.transform(x3d_c, s.R, s.t)[:, 2]
     in_front = jnp.all(jnp.where(use, depth > 0, True))
@@ -428,7 +368,7 @@ def solve(
         & inputs_ok
         & enough
         & in_front
-        & _well_conditioned(H, cond_tol)
+        & cost.well_conditioned(H, cond_tol)
         & jnp.all(jnp.isfinite(s.costs))
         & jnp.all(jnp.isfinite(s.R))
         & jnp.all(jnp.isfinite(s.t))
@@ -440,9 +380,10 @@ def solve(
 
     # Differentiable quantities at the solution (their derivatives flow through (R, t) and directly).
     H, _ = gauss_newton_hessian(R, t, x3d, x2d, w2, K, huber)
-    H_reg = H + jnp.finfo(dtype).eps * jnp.abs(jnp.trace(H)) * jnp.eye(6, dtype=dtype)
-    cov = jnp.linalg.inv(jnp.where(jnp.all(jnp.isfinite(H_reg)), H_reg, jnp.eye(6, dtype=dtype)))
-    cov = jnp.where(converged & jnp.all(jnp.isfinite(cov)), 0.5 * (cov + cov.T), jnp.zeros_like(cov))
-    cost = pnp_cost(R, t, x3d, x2d, w2, K, huber)
-    cost = jnp.where(jnp.isfinite(cost), cost, jnp.finfo(dtype).max)
-    return PnPResult(R=R, t=t, cov=cov, cost=cost, converged=converged, iterations=s.it)
+    # Converged implies a well-conditioned H; otherwise the identity is inverted (double where:
+    # no NaN reaches the gradient) and cov is 0.
+    cov, cov_ok = cost.spd_inverse(jnp.where(converged, H, jnp.eye(6, dtype=dtype)))
+    cov = jnp.where(converged & cov_ok, cov, jnp.zeros_like(cov))
+    c = pnp_cost(R, t, x3d, x2d, w2, K, huber)
+    c = jnp.where(jnp.isfinite(c), c, jnp.finfo(dtype).max)
+    return PnPResult(R=R, t=t, cov=cov, cost=c, converged=converged, iterations=s.it)
