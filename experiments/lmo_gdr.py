@@ -234,6 +234,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds) -> d
             first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
             wstats.append(E.weight_map_stats(res.model, variables, first,
                                              os.path.join(res.workdir, "weights.png")))
+            _plot_coordinate_maps(res.model, variables, first, os.path.join(res.workdir, "coordinates.png"))
             eval_seconds += time.perf_counter() - t0
             steps += res.steps
             train_seconds += res.train_seconds
@@ -284,6 +285,43 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds) -> d
               f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
+
+
+def _plot_coordinate_maps(model, variables, batch, path, count: int = 8):
+    """Predicted vs ground-truth object coordinates of the first crops (the paper's Fig. 6) as RGB.
+
+    Coordinates are normalised by the model box (x, y, z in [-0.5, 0.5] -> colour in [0, 1]);
+    the ground truth is shown on the visible mask, the prediction on the predicted mask.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = model.apply(variables, batch["image"], train=False)
+    keep = np.nonzero(np.asarray(batch.get("valid_example", np.ones(len(batch["image"])))) > 0)[0][:count]
+    if len(keep) == 0:
+        return
+    box = np.asarray(batch["bbox3d"], np.float64)
+    lo, hi = box.min(1), box.max(1)
+    gt = (np.asarray(batch["xyz"], np.float64) - (0.5 * (lo + hi))[:, None, None]) / (hi - lo)[:, None, None]
+    pred = np.asarray(out["xyz"], np.float64)
+    pred_mask = np.asarray(out["mask_logits"])[..., 0] > 0
+    vis = np.asarray(batch["mask_visib"]) > 0
+    fig, axes = plt.subplots(3, len(keep), figsize=(1.6 * len(keep), 5.0), squeeze=False)
+    for j, i in enumerate(keep):
+        rows = (np.clip(np.asarray(batch["image"][i]), 0, 1), np.clip(gt[i] + 0.5, 0, 1) * vis[i][..., None],
+                np.clip(pred[i] + 0.5, 0, 1) * pred_mask[i][..., None])
+        for r, img in enumerate(rows):
+            axes[r, j].imshow(img)
+            axes[r, j].set_xticks([])
+            axes[r, j].set_yticks([])
+        err = np.abs(pred[i] - gt[i]).sum(-1)[vis[i]].mean() if vis[i].any() else float("nan")
+        axes[2, j].set_title(f"L1 {err:.3f}", fontsize=6)
+    for r, label in enumerate(("crop", "xyz GT (visible)", "xyz predicted")):
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _curve_steps(run_dir, last_step):
