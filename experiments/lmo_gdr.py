@@ -58,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="grain worker processes")
     p.add_argument("--boxes", choices=["detections", "gt"], default=None, help="test crops from detections or GT boxes")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--curve_points", type=int, default=None,
+                   help="intermediate checkpoints evaluated for learning_curve.png (default: the config's; 0: none)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -88,6 +90,8 @@ def _config(args):
     if args.seed is not None:
         tr["seed"] = args.seed
     cfg = cfg.with_train(**tr)
+    if args.curve_points is not None:
+        cfg = cfg.replace(curve_points=max(0, int(args.curve_points)))
     if args.boxes:
         cfg = cfg.replace(boxes=args.boxes)
     if args.variants:
