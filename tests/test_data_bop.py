@@ -201,6 +201,49 @@ def test_loader_keys_and_exact_geometry(data):
         assert n_checked >= 4
 
 
+def test_inplane_rotation_keeps_projections_on_the_rotated_targets(data):
+    """rotate_prob=1: the crop, xyz/mask targets, K_out and R, t rotate together (< 1 px)."""
+    root, out, ds = data
+    S_in, S_out = 128, 32
+    loader = make_loader(out, "train_pbr", 4, True, seed=3, worker_count=0, num_epochs=1, rotate_prob=1.0,
+                         input_size=S_in, output_size=S_out)
+    plain = make_loader(out, "train_pbr", 4, True, seed=3, worker_count=0, num_epochs=1,
+                        input_size=S_in, output_size=S_out)
+    angles, n_checked = [], 0
+    for batch, ref in zip(loader, plain):
+        np.testing.assert_array_equal(batch["gt_idx"], ref["gt_idx"])  # same records, same order
+        for i in range(4):
+            R, t, K_out = (batch[k][i].astype(np.float64) for k in ("R", "t", "K_out"))
+            # R' = Rz R, t' = Rz t with Rz a rotation about the optical axis
+            Rz = R @ ref["R"][i].astype(np.float64).T
+            np.testing.assert_allclose(Rz[2], [0, 0, 1], atol=1e-5)
+            np.testing.assert_allclose(t, Rz @ ref["t"][i], rtol=1e-5, atol=1e-3)
+            angles.append(np.degrees(np.arctan2(Rz[1, 0], Rz[0, 0])))
+            # K_out stays an intrinsics matrix: last row (0, 0, 1), focal lengths kept
+            # (LM-O's fx != fy leaves an off-diagonal term (fx - fy) k sin cos, below 0.01 f)
+            np.testing.assert_allclose(K_out[2], [0, 0, 1], atol=1e-6)
+            assert abs(K_out[0, 1]) < 1e-2 * K_out[0, 0] and abs(K_out[1, 0]) < 1e-2 * K_out[1, 1]
+            np.testing.assert_allclose(np.diag(K_out)[:2], np.diag(ref["K_out"][i])[:2], rtol=1e-2)
+            # image and targets rotate alike: K_in is K_out at the input grid's pixel size
+            Sc = np.diag([S_in / S_out, S_in / S_out, 1.0])
+            Sc[:2, 2] = 0.5 * (S_in / S_out) - 0.5
+            np.testing.assert_allclose(batch["K_in"][i], Sc @ K_out, rtol=1e-4, atol=1e-2)
+            # K is the full image's intrinsics of the rotated camera
+            K_ref = geometry.crop_intrinsics_np(batch["K"][i], batch["roi_center"][i], batch["roi_scale"][i], S_out)
+            np.testing.assert_allclose(K_out, K_ref, rtol=1e-5, atol=1e-3)
+            vs, us = np.nonzero(batch["mask_visib"][i])
+            if len(us) == 0:
+                continue
+            uv = _project(batch["xyz"][i][vs, us], R, t, K_out)
+            err = np.linalg.norm(uv - np.stack([us, vs], 1), axis=1)
+            assert err.max() < 0.5, err.max()
+            n_checked += 1
+            # the visible mask moved with the rotation (not the unrotated mask)
+            assert batch["mask_visib"][i].sum() > 0
+    assert n_checked >= 4
+    assert np.ptp(angles) > 30.0, angles  # rotations of various angles were drawn
+
+
 def test_round_trip_matches_bop_files(data):
     root, out, ds = data
     loader = make_loader(out, "test", 3, False, worker_count=0, boxes="detections")

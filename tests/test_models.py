@@ -54,15 +54,28 @@ def test_paper_size_shapes_and_param_counts(depth, encoder_params):
     # decoder: 3 x (deconv 4x4 + 2 conv 3x3) at 256 channels, 3 BNs per stage, 1x1 output conv
     head = 512 * 256 * 16 + 2 * (256 * 256 * 16) + 3 * 2 * 256 * 256 * 9 + 9 * 2 * 256 + 256 * 6 + 6
     assert count_params(var["params"]["rot_head"]) == head
-    assert count_params(var["params"]["scale"]) == 256 * 2 + 2
+    assert count_params(var["params"]["scale"]) == 256 + 1   # one global scale (reference: Linear(256, 1))
     assert output_size(256) == 64 and output_size(128) == 32
+
+
+def test_efficientnet_lite0_encoder_shapes_and_param_count():
+    var, out = _shapes(GDRNet(encoder="efficientnet_lite0"), 256)
+    # EfficientNet-Lite0's 4.65 M parameters minus the head conv + BN (320 * 1280 + 2 * 1280)
+    # and the classifier (1280 * 1000 + 1000)
+    assert count_params(var["params"]["encoder"]) == 4_652_008 - 412_160 - 1_281_000
+    assert out["xyz"].shape == (2, 64, 64, 3) and out["w2d"].shape == (2, 64, 64, 2)
+    assert var["params"]["rot_head"]["up0_deconv"]["kernel"].shape == (4, 4, 320, 256)
+    var_r, _ = _shapes(GDRNet(encoder="resnet18"), 64)
+    assert count_params(var_r["params"]["encoder"]) == 11_176_512   # encoder= overrides depth=34
+    with pytest.raises(ValueError, match="encoder"):
+        _shapes(GDRNet(encoder="vgg16"), 64)
 
 
 def test_scale_branch_switch_and_presets():
     var, out = _shapes(GDRNet(depth=18, scale_branch=False, **TINY), 64)
     assert set(var["params"]) == {"encoder", "rot_head"}
     var, _ = _shapes(GDRNet(depth=18, scale_features="encoder", **TINY), 64)
-    assert var["params"]["scale"]["kernel"].shape == (16, 2)
+    assert var["params"]["scale"]["kernel"].shape == (16, 1)
     _, out = _shapes(gdrnet_from_preset("cpu"), 128)
     assert out["xyz"].shape == (2, 32, 32, 3)
     _, out = _shapes(GDRNet(depth=34, **TINY), 64, dtype=jnp.float64)
@@ -106,11 +119,14 @@ def test_forward_outputs_and_spatial_softmax(tiny):
             assert bool(jnp.all(jnp.isfinite(out[k])))
         w, logits, s = (np.asarray(out[k], np.float64) for k in ("w2d", "weight_logits", "log_scale"))
         assert np.all(w > 0)
-        np.testing.assert_allclose(w.sum(axis=(1, 2)), np.exp(s), rtol=1e-5)  # sums to the global scale
-        flat = logits.reshape(4, -1, 2)
+        # ONE softmax over both channels and all pixels (the reference's reshape to (1, -1)),
+        # times one global scale: all 2 * h * w weights sum to it
+        np.testing.assert_array_equal(s[:, 0], s[:, 1])
+        np.testing.assert_allclose(w.sum(axis=(1, 2, 3)), np.exp(s[:, 0]), rtol=1e-5)
+        flat = logits.reshape(4, -1)
         softmax = np.exp(flat - flat.max(1, keepdims=True))
         softmax /= softmax.sum(1, keepdims=True)
-        np.testing.assert_allclose(w.reshape(4, -1, 2), softmax * np.exp(s)[:, None], rtol=1e-5)
+        np.testing.assert_allclose(w.reshape(4, -1), softmax * np.exp(s[:, :1]), rtol=1e-5)
     # The public helper reproduces the model's weights, batched and for one instance.
     w_b = spatial_softmax_weights(train["weight_logits"], train["log_scale"])
     np.testing.assert_allclose(np.asarray(w_b), np.asarray(train["w2d"]), rtol=1e-6)
@@ -124,10 +140,10 @@ def test_forward_outputs_and_spatial_softmax(tiny):
 
 def test_initial_scale_and_no_scale_branch(tiny):
     _, _, _, (train, _, _, no_scale) = tiny
-    # The scale branch starts at log(h * w) (mean weight 1), like the network without it.
-    np.testing.assert_allclose(np.asarray(train["log_scale"]), np.log(256.0), atol=0.05)
-    np.testing.assert_array_equal(np.asarray(no_scale["log_scale"]), np.full((4, 2), np.log(256.0), np.float32))
-    np.testing.assert_allclose(np.asarray(no_scale["w2d"]).mean(axis=(1, 2)), 1.0, rtol=1e-5)
+    # The scale branch starts at log(2 * h * w) (mean weight 1), like the network without it.
+    np.testing.assert_allclose(np.asarray(train["log_scale"]), np.log(512.0), atol=0.05)
+    np.testing.assert_array_equal(np.asarray(no_scale["log_scale"]), np.full((4, 2), np.log(512.0), np.float32))
+    np.testing.assert_allclose(np.asarray(no_scale["w2d"]).mean(axis=(1, 2, 3)), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(no_scale["xyz"]), np.asarray(train["xyz"]))
 
 

@@ -8,6 +8,8 @@
 * `color_augment(rng, img)`: the photometric augmentation applied with probability 0.8 in
   training (DESIGN.md): brightness, contrast, saturation, hue shift, Gaussian blur, Gaussian
   noise, each with probability 0.5, in random order.
+* `inplane_rotation(theta, size)`: the in-plane rotation of a square crop about its centre
+  (the LC reference's `rotate_prob: 1`) as a 2x3 image map and the camera rotation it equals.
 
 All functions take and return uint8 RGB images (H, W, 3) and a `numpy.random.Generator`, so
 they are deterministic given the generator.
@@ -20,7 +22,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["procedural_background", "BackgroundSource", "color_augment", "replace_background"]
+__all__ = ["procedural_background", "BackgroundSource", "color_augment", "replace_background", "inplane_rotation"]
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -151,3 +153,22 @@ def color_augment(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
         else:  # Gaussian noise
             out = out + rng.normal(0.0, rng.uniform(2, 10), size=out.shape).astype(np.float32)
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def inplane_rotation(theta: float, size: int):
+    """(T (2, 3), Rz (3, 3)): rotating a square crop of `size` pixels by `theta` about its centre.
+
+    T maps crop pixels p to c + R2 (p - c), c = ((size - 1) / 2,) * 2 the crop centre (pixel-centre
+    convention), R2 the 2D rotation by `theta` (counter-clockwise in (u, v), i.e. clockwise on
+    screen). The same image motion is a rotation Rz of the camera about its optical axis: for
+    any crop intrinsics K, project(X, Rz R, Rz t, [T; 0 0 1] K Rz^T) = T(project(X, R, t, K))
+    exactly, and [T; 0 0 1] K Rz^T is again upper triangular (K with its principal point rotated
+    about c) when K has square pixels and no skew; with fx != fy it keeps an off-diagonal term
+    of (fx - fy) sin(theta) cos(theta).
+    """
+    c, s = float(np.cos(theta)), float(np.sin(theta))
+    centre = 0.5 * (float(size) - 1.0)
+    R2 = np.array([[c, -s], [s, c]])
+    T = np.concatenate([R2, (centre - R2 @ np.array([centre, centre]))[:, None]], axis=1)
+    Rz = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return T, Rz

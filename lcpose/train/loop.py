@@ -87,6 +87,8 @@ class TrainConfig:
     train_split / obj_ids: what to train on (None: all objects of the dataset).
     color_aug_prob / bg_switch_prob: training augmentation (``lcpose.data.pipeline.make_loader``;
       0.8 / 0.5 as GDR-Net, for the sim-to-real gap of PBR training images).
+    rotate_prob / rotate_max_deg: in-plane rotation of the training crops (the LC reference's
+      ``rotate_prob: 1``, any angle; pose and intrinsics rotate with them).
     worker_count: grain worker processes (0: in-process); part of the data order.
     pretrained: folder of converted ImageNet encoder weights (``data_prep.convert_resnet``).
     log_every / ckpt_every / keep_checkpoints: logging and Orbax intervals.
@@ -112,6 +114,8 @@ class TrainConfig:
     obj_ids: Optional[Sequence[int]] = None
     color_aug_prob: float = 0.8
     bg_switch_prob: float = 0.5
+    rotate_prob: float = 0.0
+    rotate_max_deg: float = 180.0
     worker_count: int = 2
     pretrained: Optional[str] = None
     log_every: int = 10
@@ -134,7 +138,7 @@ class TrainConfig:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
         if self.warmup_steps < 0 or self.worker_count < 0:
             raise ValueError("warmup_steps and worker_count must be >= 0")
-        for name in ("color_aug_prob", "bg_switch_prob"):
+        for name in ("color_aug_prob", "bg_switch_prob", "rotate_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -274,7 +278,8 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
                          seed=cfg.seed, shard=(jax.process_index(), n_proc),
                          worker_count=cfg.worker_count, obj_ids=cfg.obj_ids,
                          input_size=cfg.input_size, output_size=cfg.output_size,
-                         color_aug_prob=cfg.color_aug_prob, bg_switch_prob=cfg.bg_switch_prob)
+                         color_aug_prob=cfg.color_aug_prob, bg_switch_prob=cfg.bg_switch_prob,
+                         rotate_prob=cfg.rotate_prob, rotate_max_deg=cfg.rotate_max_deg)
     tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
 
     run_meta = _meta(cfg, objective, tfds_dir, meta)
