@@ -33,8 +33,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.lmo_gdr", description=__doc__.split("\n")[0])
+def parse_args(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m experiments.lmo_gdr",
+               description: str = __doc__.split("\n")[0], workdir: str = "runs/lmo_gdr") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", default="cpu", help="cpu (default) or paper (experiments/config.py)")
     p.add_argument("--bop_root", default=None,
                    help="real BOP dataset folder (e.g. /data/bop/lmo); default: the embedded synthetic set")
@@ -51,7 +52,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=None, help="training epochs (overrides the config)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--variants", default=None, help="comma-separated, e.g. baseline,lc,bpnp (experiments.config.VARIANTS)")
-    p.add_argument("--workdir", default="runs/lmo_gdr")
+    p.add_argument("--workdir", default=workdir)
     p.add_argument("--resume", action="store_true", help="continue each variant from its newest checkpoint")
     p.add_argument("--pretrained", default=None, help="converted ImageNet encoder (data_prep.convert_resnet --out)")
     p.add_argument("--workers", type=int, default=None, help="grain worker processes")
@@ -61,10 +62,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _config(args):
+def _config(args, config_prefix: str = ""):
     from experiments.config import VARIANTS, get_config
 
-    cfg = get_config(args.config)
+    cfg = get_config(config_prefix + args.config)
     tr = {}
     if args.steps is not None:
         tr["total_steps"] = int(args.steps)
@@ -114,9 +115,15 @@ def _dataset(args, cfg):
                       detections=args.detections, progress=not args.no_progress), dataset
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parse flags, train and evaluate every variant, write results.json; returns its content."""
-    args = parse_args(argv)
+def run(argv: Optional[Sequence[str]] = None, *, config_prefix: str = "", method: str = "gdrnet",
+        **parse_kwargs) -> dict:
+    """Parse flags, train and evaluate every variant, write results.json; returns its content.
+
+    ``config_prefix`` selects a family of experiments.config.CONFIGS (``--config cpu`` runs
+    ``config_prefix + "cpu"``; experiments.lmo_zebra passes "zebra_"); ``method`` names the
+    BOP csv files; ``parse_kwargs`` go to :func:`parse_args` (prog, description, workdir).
+    """
+    args = parse_args(argv, **parse_kwargs)
     import jax
 
     from experiments.config import objective_for
@@ -126,7 +133,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from lcpose.train.loop import train
 
     t_start = time.perf_counter()
-    cfg = _config(args)
+    cfg = _config(args, config_prefix)
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     tfds_dir, dataset = _dataset(args, cfg)
@@ -168,7 +175,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         for sub, obj_ids in runs:
             name = f"{variant} obj {obj_ids[0]}" if sub else variant
             res = train(tfds_dir, os.path.join(vdir, sub) if sub else vdir,
-                        dataclasses.replace(cfg.train, obj_ids=obj_ids), objective, resume=args.resume,
+                        _train_config(cfg, obj_ids, test_loader.models), objective, resume=args.resume,
                         progress=progress, desc=name,
                         meta={"variant": variant, "config": cfg.name, "pnp": dataclasses.asdict(cfg.pnp)})
             t0 = time.perf_counter()
@@ -191,7 +198,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         errors = E.compute_errors(out, test_loader.models, image_width=image_width)
         errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
         summary = E.summarize(out, errors, errors_r)
-        csv = E.write_bop_csv(os.path.join(vdir, f"gdrnet{variant.replace('_', '')}_{dataset}-test.csv"), out)
+        csv = E.write_bop_csv(os.path.join(vdir, f"{method}{variant.replace('_', '')}_{dataset}-test.csv"), out)
         gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
         last = [h[-1] for h in histories if h]
         summaries[variant] = summary
@@ -225,6 +232,20 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
               f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
+
+
+def _train_config(cfg, obj_ids, models):
+    """The TrainConfig of one run on ``obj_ids``; a network for one object gets its model's
+    per-object attributes (``object_overrides(bbox3d)`` of the model module, e.g. the bit
+    counts of lcpose.models.zebra) unless the configuration sets them."""
+    from lcpose.models.registry import model_module
+
+    tr = dataclasses.replace(cfg.train, obj_ids=obj_ids)
+    hook = getattr(model_module(tr.model), "object_overrides", None)
+    if hook is not None and len(obj_ids) == 1:
+        ov = {**hook(models.bbox3d[models.index_of(obj_ids[0])]), **dict(tr.model_overrides)}
+        tr = dataclasses.replace(tr, model_overrides=ov)
+    return tr
 
 
 def _objects(cfg, test_loader):
