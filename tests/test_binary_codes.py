@@ -166,3 +166,44 @@ def test_l1_mask_loss():
     m = jnp.array([[1.0, 0.0], [0.0, 1.0]])
     s = 1 / (1 + np.exp(-np.asarray(z)))
     np.testing.assert_allclose(bc.l1_mask_loss(z, m), np.mean(np.abs(s - np.asarray(m))), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_step_end_to_end_run_of_both_variants(tmp_path):
+    """zebra_base and zebra_lc through the real loop (2 steps each, tiny synthetic set and
+    network, one network for one object with its bit counts) and the evaluation pipeline."""
+    import dataclasses
+
+    from experiments.config import get_config, objective_for
+    from experiments.lmo_gdr import _train_config
+    from lcpose import evaluate as E
+    from lcpose.data.pipeline import make_loader
+    from lcpose.data.synthetic import ensure_synthetic_tfds
+    from lcpose.train import eval_params
+    from lcpose.train.loop import train
+
+    tfds = ensure_synthetic_tfds(tmp_path / "cache", objects=2, train_images=4, test_images=2,
+                                 workers=0, views="uniform", progress=False)
+    cfg = get_config("zebra_cpu")
+    cfg = cfg.with_train(model_overrides={"encoder_widths": (4, 4, 8, 8), "head_channels": 8},
+                         input_size=32, output_size=16, batch_size=2, total_steps=2, worker_count=0,
+                         log_every=1, warmup_steps=0)
+    test = make_loader(tfds, "test", 4, train=False, worker_count=0, boxes="gt",
+                       input_size=32, output_size=16)
+    obj = int(test.models.obj_ids[0])
+    tr = _train_config(cfg, (obj,), test.models)
+    want_bits = tuple(int(b) for b in np.asarray(bc.bit_counts(
+        np.ptp(test.models.bbox3d[test.models.index_of(obj)], axis=0))))
+    assert dict(tr.model_overrides)["code_bits"] == want_bits
+    for variant in ("zebra_base", "zebra_lc"):
+        objective = dataclasses.replace(objective_for(cfg, variant, 2), pose_loss_start_step=1,
+                                        grad_metric_every=0)
+        res = train(tfds, tmp_path / variant, tr, objective, progress=False)
+        assert res.steps == 2 and all(np.isfinite(r["loss"]) for r in res.history)
+        assert all(np.isfinite(r["loss/code"]) and 0 <= r["code/bit_error"] <= 1 for r in res.history)
+        if variant == "zebra_lc":
+            assert all(np.isfinite(r["loss/pose"]) for r in res.history)
+        variables = {"params": eval_params(res.state), "batch_stats": res.state.batch_stats}
+        predict = jax.jit(E.make_predict_fn(res.model, cfg.pnp))
+        out = E.evaluate(predict, variables, test, progress=False)
+        assert out["R"].shape[1:] == (3, 3) and np.all(np.isfinite(out["t"]))
