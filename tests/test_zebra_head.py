@@ -51,8 +51,11 @@ def test_network_outputs_and_registry():
     pad = ~np.asarray(bc.bit_mask(jnp.array([7, 6, 4])))
     assert np.all(np.asarray(out["code_logits"])[..., pad] == 0)
     np.testing.assert_allclose(out["xyz"], bc.decode_without_gt(out["code_logits"], jnp.array([7, 6, 4])), atol=1e-6)
-    # one joint spatial softmax over both channels x exp(log_scale) per channel, as GDRNet
-    np.testing.assert_allclose(np.asarray(out["w2d"]).sum(axis=(1, 2)), np.exp(np.asarray(out["log_scale"])), rtol=1e-4)
+    # the weights are GDRNet's (one home: spatial_softmax_weights of the logits and the scale)
+    from lcpose.models import spatial_softmax_weights
+
+    np.testing.assert_allclose(out["w2d"], spatial_softmax_weights(out["weight_logits"], out["log_scale"]), rtol=1e-6)
+    assert isinstance(model, zebra.ZebraNet) and model.head_stages == 4
     assert zebra.object_overrides(_example()["bbox3d"]) == {"code_bits": (7, 6, 4)}
     with pytest.raises(ValueError, match="code_bits"):
         zebra.build(preset="cpu", code_bits=(8, 6, 4))

@@ -54,7 +54,7 @@ Head contract (one instance each; :mod:`lcpose.models.registry`):
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Tuple
 
 import flax.linen as nn
 import jax
@@ -64,6 +64,7 @@ from lcpose import binary_codes as bc
 from lcpose.correspondences import Correspondences, pixel_grid, select_top_weights
 from lcpose.geometry import box_extent_center, mm_to_xyz, xyz_to_mm
 from lcpose.models.gdrnet import (
+    GDRNet,
     check_images,
     dense_trunk,
     pose_warmup_loss as _gdr_pose_warmup_loss,
@@ -71,7 +72,7 @@ from lcpose.models.gdrnet import (
     train_correspondences,
     weight_log_scale,
 )
-from lcpose.models.resnet import TORCHVISION_WIDTHS, output_stride
+from lcpose.models.resnet import output_stride
 
 __all__ = [
     "ZebraNet", "PRESETS", "EXAMPLE_KEYS", "build", "map_size", "decode_train", "decode_test",
@@ -88,27 +89,15 @@ _WEIGHTS = slice(1, 3)
 _BITS0 = 3
 
 
-class ZebraNet(nn.Module):
+class ZebraNet(GDRNet):
     """ResNet encoder + GDR-Net decoder (``head_stages`` 4: maps at 1/2 of the input) with mask,
-    weight and coordinate-wise bit outputs; see the module docstring. Attributes as
-    :class:`lcpose.models.gdrnet.GDRNet`, plus ``code_bits`` (M_x, M_y, M_z) and ``max_bits``
-    (the padded layout's bits per axis, the paper's n = 7)."""
+    weight and coordinate-wise bit outputs; see the module docstring. The attributes of
+    :class:`lcpose.models.gdrnet.GDRNet` (its network), plus ``code_bits`` (M_x, M_y, M_z) and
+    ``max_bits`` (the padded layout's bits per axis, the paper's n = 7)."""
 
-    depth: int = 34
-    scale_branch: bool = True
+    head_stages: int = 4
     code_bits: Tuple[int, int, int] = (bc.N_BITS,) * 3
     max_bits: int = bc.N_BITS
-    encoder_widths: Sequence[int] = TORCHVISION_WIDTHS
-    head_channels: int = 256
-    head_stages: int = 4
-    head_convs_per_stage: int = 2
-    deconv_kernel: int = 4
-    scale_features: str = "decoder"
-    log_scale_init: Optional[float] = None
-    normalize_input: bool = True
-    axis_name: Optional[str] = None
-    dtype: Any = None
-    bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, images, train: bool = False):
