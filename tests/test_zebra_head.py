@@ -121,3 +121,29 @@ def test_in_mask_quantile_selection_matches_its_definition():
     assert ct.x3d.shape == (h * h, 3)
     ca = zebra.decode_test(out, ex, PnPConfig(fraction=0.5))
     assert ca.x3d.shape == (18, 3)
+
+
+def test_experiment_configs_and_optimizer_choice():
+    from experiments.config import get_config, objective_for
+    from lcpose.train.loop import TrainConfig, _make_tx, _step_key, build_model
+
+    for name, size, maps in (("zebra_paper", 256, 128), ("zebra_cpu", 64, 32)):
+        cfg = get_config(name)
+        assert cfg.variants == ("zebra_base", "zebra_lc") and cfg.pose_weight == 0.03
+        assert cfg.pnp.use_mask and cfg.pnp.fraction == 0.8          # quantile 0.2 in the mask
+        base, lc = (objective_for(cfg, v, cfg.train.total_steps) for v in cfg.variants)
+        assert (base.pose_loss, lc.pose_loss) == ("none", "lc")
+        assert base.mask_weight == lc.mask_weight == 1.0 and base.xyz_weight == lc.xyz_weight == 3.0
+        model = build_model(cfg.train, lc)
+        assert isinstance(model, zebra.ZebraNet) and cfg.train.input_size == size
+        assert map_size(model, size) == maps and model.scale_branch
+        assert not build_model(cfg.train, base).scale_branch
+    paper = get_config("zebra_paper")
+    assert paper.pose_loss_start_step == 3000 and paper.train.optimizer == "adam"
+    assert paper.train.learning_rate == 2e-4 and build_model(paper.train, lc).depth == 34
+    tx, sched = _make_tx(_step_key(paper.train))
+    assert float(sched(0)) == float(sched(300_000)) == 2e-4          # constant, as ZebraPose
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(optimizer="adam", weight_decay=1e-4)
