@@ -42,8 +42,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.lmo_gdr", description=__doc__.split("\n")[0])
+def parse_args(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m experiments.lmo_gdr",
+               description: str = __doc__.split("\n")[0], workdir: str = "runs/lmo_gdr") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", default="cpu", help="cpu (default), cpu-long (3 seeds, longer) or paper (experiments/config.py)")
     p.add_argument("--bop_root", default=None,
                    help="real BOP dataset folder (e.g. /data/bop/lmo); default: the embedded synthetic set")
@@ -60,7 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=None, help="training epochs (overrides the config)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--variants", default=None, help="comma-separated, e.g. baseline,lc,bpnp (experiments.config.VARIANTS)")
-    p.add_argument("--workdir", default="runs/lmo_gdr")
+    p.add_argument("--workdir", default=workdir)
     p.add_argument("--resume", action="store_true", help="continue each variant from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete a previous run in --workdir (without it such a workdir is refused)")
@@ -80,13 +81,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _config(args):
+def _config(args, config_prefix: str = ""):
     from experiments.config import CONFIGS, VARIANTS, get_config
     from experiments.overrides import apply_overrides
 
-    if args.config not in CONFIGS:
-        raise UsageError(f"--config: unknown {args.config!r}; choose one of {', '.join(sorted(CONFIGS))}")
-    cfg = get_config(args.config)
+    name = config_prefix + args.config
+    if name not in CONFIGS:
+        choices = sorted(c[len(config_prefix):] for c in CONFIGS if c.startswith(config_prefix)
+                         and (config_prefix or "_" not in c))
+        raise UsageError(f"--config: unknown {args.config!r}; choose one of {', '.join(choices)}")
+    cfg = get_config(name)
     tr = {}
     if args.steps is not None:
         tr["total_steps"] = int(args.steps)
@@ -181,11 +185,11 @@ def _dataset(args, cfg):
                       detections=args.detections, progress=not args.no_progress), dataset
 
 
-def _identity(args, cfg) -> dict:
+def _identity(args, cfg, experiment: str = "lmo_gdr") -> dict:
     """What experiment.json records: a resumed run must match it (apart from _RESUMABLE)."""
     ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
     ident["train"] = cfg.train.to_json()
-    return {"experiment": "lmo_gdr", "dataset": _dataset_name(args),
+    return {"experiment": experiment, "dataset": _dataset_name(args),
             "bop_root": None if args.bop_root is None else os.path.abspath(args.bop_root),
             "tfds_dir": None if args.tfds_dir is None else os.path.abspath(args.tfds_dir), **ident}
 
@@ -199,24 +203,30 @@ def _resumable(cfg):
             + (("objects", "obj_ids") if cfg.per_object else ()))
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parse flags, train and evaluate every variant, write results.json; returns its content."""
-    args = parse_args(argv)
+def run(argv: Optional[Sequence[str]] = None, *, config_prefix: str = "", method: str = "gdrnet",
+        **parse_kwargs) -> dict:
+    """Parse flags, train and evaluate every variant, write results.json; returns its content.
+
+    ``config_prefix`` selects a family of experiments.config.CONFIGS (``--config cpu`` runs
+    ``config_prefix + "cpu"``; experiments.lmo_zebra passes "zebra_"); ``method`` names the
+    BOP csv files; ``parse_kwargs`` go to :func:`parse_args` (prog, description, workdir).
+    """
+    args = parse_args(argv, **parse_kwargs)
     _check_args(args)
-    cfg = _pretrained(_config(args))
+    cfg = _pretrained(_config(args, config_prefix))
     from lcpose.train.workdir import WorkdirLock, check_start, write_identity
 
     workdir = os.path.abspath(args.workdir)
     with WorkdirLock(workdir):
-        identity = _identity(args, cfg)
+        identity = _identity(args, cfg, experiment=(parse_kwargs.get("prog") or "lmo_gdr").split(".")[-1])
         how = check_start(workdir, identity, resume=args.resume, overwrite=args.overwrite,
                           ignore=_resumable(cfg), extra_files=("losses.png", "experiment_config.json",
                                                                "learning_curve.png"))
         write_identity(workdir, identity)
-        return _run(args, cfg, workdir, resumed=how == "resume")
+        return _run(args, cfg, workdir, resumed=how == "resume", method=method)
 
 
-def _run(args, cfg, workdir, resumed: bool) -> dict:
+def _run(args, cfg, workdir, resumed: bool, method: str = "gdrnet") -> dict:
     from lcpose.data.pipeline import resolve_dataset_dir
 
     t_start = time.perf_counter()
@@ -224,12 +234,12 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
     tfds_dir = resolve_dataset_dir(tfds_dir)
     data_seconds = time.perf_counter() - t_start
     if not cfg.seeds or args.seed is not None:
-        return _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed)
+        return _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed, method)
     # several seeds: one full run per seed in <workdir>/seed_<s>, then mean and spread
     per_seed = {}
     for seed in cfg.seeds:
         per_seed[int(seed)] = _run_seed(args, cfg.with_train(seed=int(seed)), os.path.join(workdir, f"seed_{seed}"),
-                                        tfds_dir, dataset, time.perf_counter(), 0.0, resumed)
+                                        tfds_dir, dataset, time.perf_counter(), 0.0, resumed, method)
     results = {"dataset": dataset, "config": cfg.name, "seeds": [int(x) for x in cfg.seeds],
                "data_seconds": round(data_seconds, 1), "runs": {s_: os.path.join(workdir, f"seed_{s_}", "results.json")
                                                                for s_ in per_seed},
@@ -239,7 +249,8 @@ def _run(args, cfg, workdir, resumed: bool) -> dict:
     return results
 
 
-def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed: bool) -> dict:
+def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed: bool,
+              method: str = "gdrnet") -> dict:
     """Train and evaluate every variant of ``cfg`` (one seed) into ``workdir``."""
     import jax
 
@@ -299,7 +310,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
         for sub, obj_ids in runs:
             name = f"{variant} obj {obj_ids[0]}" if sub else variant
             res = train(tfds_dir, os.path.join(vdir, sub) if sub else vdir,
-                        dataclasses.replace(cfg.train, obj_ids=obj_ids), objective, resume=args.resume,
+                        _train_config(cfg, obj_ids, test_loader.models), objective, resume=args.resume,
                         overwrite=args.overwrite, progress=progress, desc=name,
                         meta={"variant": variant, "config": cfg.name, "pnp": dataclasses.asdict(cfg.pnp)})
             t0 = time.perf_counter()
@@ -339,7 +350,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
         errors = E.compute_errors(out, test_loader.models, image_width=image_width)
         errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
         summary = E.summarize(out, errors, errors_r)
-        csv = E.write_bop_csv(os.path.join(vdir, f"gdrnet{variant.replace('_', '')}_{dataset}-test.csv"), out)
+        csv = E.write_bop_csv(os.path.join(vdir, f"{method}{variant.replace('_', '')}_{dataset}-test.csv"), out)
         gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
         last = [h[-1] for h in histories if h]
         summaries[variant] = summary
@@ -518,6 +529,20 @@ def _format_seed_summary(summary, n):
     return "\n".join(lines)
 
 
+def _train_config(cfg, obj_ids, models):
+    """The TrainConfig of one run on ``obj_ids``; a network for one object gets its model's
+    per-object attributes (``object_overrides(bbox3d)`` of the model module, e.g. the bit
+    counts of lcpose.models.zebra) unless the configuration sets them."""
+    from lcpose.models.registry import model_module
+
+    tr = dataclasses.replace(cfg.train, obj_ids=obj_ids)
+    hook = getattr(model_module(tr.model), "object_overrides", None)
+    if hook is not None and len(obj_ids) == 1:
+        ov = {**hook(models.bbox3d[models.index_of(obj_ids[0])]), **dict(tr.model_overrides)}
+        tr = dataclasses.replace(tr, model_overrides=ov)
+    return tr
+
+
 def _objects(cfg, test_loader):
     """The object ids the experiment trains and tests (sorted ints; None: the dataset's)."""
     objs = cfg.objects if cfg.objects is not None else test_loader.models.obj_ids
@@ -586,7 +611,8 @@ def _user_errors() -> tuple:
             NotADirectoryError, FloatingPointError)
 
 
-def main(argv: Optional[Sequence[str]] = None):
+def main(argv: Optional[Sequence[str]] = None, **run_kwargs):
+    """The command line: ``run`` with one-line errors (exit 2) for what a user can fix."""
     import signal
     import warnings
 
@@ -595,7 +621,7 @@ def main(argv: Optional[Sequence[str]] = None):
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)), warnings.formatwarning
     warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"   # one line
     try:
-        run(argv)
+        run(argv, **run_kwargs)
     except _user_errors() as err:
         if os.environ.get("LCPOSE_TRACEBACK"):
             raise

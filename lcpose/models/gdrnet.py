@@ -161,49 +161,8 @@ class GDRNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         images = check_images(images)
-        if not isinstance(train, bool):
-            raise ValueError(f"train must be a Python bool (it selects BatchNorm mode), got {train!r}")
-        if self.scale_features not in ("decoder", "encoder"):
-            raise ValueError(f"scale_features must be 'decoder' or 'encoder', got {self.scale_features!r}")
-        if self.encoder is not None and self.encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {ENCODERS} or None, got {self.encoder!r}")
-        efficientnet = self.encoder == "efficientnet_lite0"
-        x = images
-        if self.normalize_input:
-            mean = jnp.asarray(EFFICIENTNET_MEAN if efficientnet else IMAGENET_MEAN, dtype=x.dtype)
-            std = jnp.asarray(EFFICIENTNET_STD if efficientnet else IMAGENET_STD, dtype=x.dtype)
-            x = (x - mean) / std
-        if efficientnet:
-            feats = EfficientNetLite0(axis_name=self.axis_name, dtype=self.dtype,
-                                      bn_momentum=self.bn_momentum, name="encoder")(x, train)
-        else:
-            depth = self.depth if self.encoder is None else int(self.encoder[len("resnet"):])
-            feats = ResNet(
-                depth=depth, widths=tuple(self.encoder_widths), axis_name=self.axis_name,
-                dtype=self.dtype, bn_momentum=self.bn_momentum, name="encoder",
-            )(x, train)
-        out, head_feats = RotHead(
-            channels=self.head_channels, stages=self.head_stages,
-            convs_per_stage=self.head_convs_per_stage, deconv_kernel=self.deconv_kernel,
-            axis_name=self.axis_name, dtype=self.dtype, bn_momentum=self.bn_momentum,
-            name="rot_head",
-        )(feats, train)
-
-        out_dtype = jnp.promote_types(images.dtype, jnp.float32)
-        out = out.astype(out_dtype)
-        batch, h, w, _ = out.shape
-        log_num = math.log(2 * h * w)
-        if self.scale_branch:
-            pooled = (head_feats if self.scale_features == "decoder" else feats).mean(axis=(1, 2))
-            bias0 = log_num if self.log_scale_init is None else float(self.log_scale_init)
-            # one global scale (the reference's Linear(feature_dim, 1)), the same for both axes
-            log_scale = nn.Dense(
-                1, dtype=self.dtype, kernel_init=nn.initializers.normal(stddev=1e-3),
-                bias_init=nn.initializers.constant(bias0), name="scale",
-            )(pooled).astype(out_dtype)
-            log_scale = jnp.broadcast_to(log_scale, (batch, 2))
-        else:
-            log_scale = jnp.full((batch, 2), log_num, dtype=out_dtype)
+        out, feats, head_feats = dense_trunk(self, images, train, OUT_CHANNELS)
+        log_scale = weight_log_scale(self, feats, head_feats, out)
 
         weight_logits = out[..., WEIGHT_CHANNELS]
         w2d = spatial_softmax_weights(weight_logits, log_scale)
@@ -214,6 +173,67 @@ class GDRNet(nn.Module):
             "mask_logits": out[..., MASK_CHANNELS],
             "log_scale": log_scale,
         }
+
+
+def dense_trunk(module: nn.Module, images, train: bool, out_channels: int):
+    """The dense networks' trunk, called from a compact ``__call__`` of ``module`` (GDRNet,
+    ZebraNet): ImageNet normalisation, ResNet encoder ("encoder"), CDPN/GDR-Net decoder
+    ("rot_head") with ``out_channels`` outputs, read from ``module``'s attributes (depth,
+    encoder_widths, head_channels, head_stages, head_convs_per_stage, deconv_kernel,
+    normalize_input, scale_features, axis_name, dtype, bn_momentum).
+
+    Returns (out (B, h, w, out_channels) in float32 or the images' wider dtype, encoder
+    features, decoder features).
+    """
+    if not isinstance(train, bool):
+        raise ValueError(f"train must be a Python bool (it selects BatchNorm mode), got {train!r}")
+    if module.scale_features not in ("decoder", "encoder"):
+        raise ValueError(f"scale_features must be 'decoder' or 'encoder', got {module.scale_features!r}")
+    encoder = getattr(module, "encoder", None)
+    if encoder is not None and encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS} or None, got {encoder!r}")
+    efficientnet = encoder == "efficientnet_lite0"
+    x = images
+    if module.normalize_input:   # each encoder's own input normalisation
+        mean = jnp.asarray(EFFICIENTNET_MEAN if efficientnet else IMAGENET_MEAN, dtype=x.dtype)
+        std = jnp.asarray(EFFICIENTNET_STD if efficientnet else IMAGENET_STD, dtype=x.dtype)
+        x = (x - mean) / std
+    if efficientnet:
+        feats = EfficientNetLite0(axis_name=module.axis_name, dtype=module.dtype,
+                                  bn_momentum=module.bn_momentum, name="encoder")(x, train)
+    else:
+        depth = module.depth if encoder is None else int(encoder[len("resnet"):])
+        feats = ResNet(
+            depth=depth, widths=tuple(module.encoder_widths), axis_name=module.axis_name,
+            dtype=module.dtype, bn_momentum=module.bn_momentum, name="encoder",
+        )(x, train)
+    out, head_feats = RotHead(
+        channels=module.head_channels, stages=module.head_stages,
+        convs_per_stage=module.head_convs_per_stage, deconv_kernel=module.deconv_kernel,
+        out_channels=out_channels, axis_name=module.axis_name, dtype=module.dtype,
+        bn_momentum=module.bn_momentum, name="rot_head",
+    )(feats, train)
+    out = out.astype(jnp.promote_types(images.dtype, jnp.float32))
+    return out, feats, head_feats
+
+
+def weight_log_scale(module: nn.Module, feats, head_feats, out):
+    """log_scale (B, 2) in out's dtype of the weights of the maps ``out`` (B, h, w, C): the
+    "scale branch" (Dense "scale" of ``module``; see the module docstring), or the constant
+    log(2 h w) when ``module.scale_branch`` is off."""
+    batch, h, w, _ = out.shape
+    log_num = math.log(2 * h * w)   # mean weight 1 under the joint softmax over 2 h w logits
+    out_dtype = out.dtype
+    if not module.scale_branch:
+        return jnp.full((batch, 2), log_num, dtype=out_dtype)
+    pooled = (head_feats if module.scale_features == "decoder" else feats).mean(axis=(1, 2))
+    bias0 = log_num if module.log_scale_init is None else float(module.log_scale_init)
+    # one global scale (the reference's Linear(feature_dim, 1)), the same for both axes
+    log_scale = nn.Dense(
+        1, dtype=module.dtype, kernel_init=nn.initializers.normal(stddev=1e-3),
+        bias_init=nn.initializers.constant(bias0), name="scale",
+    )(pooled).astype(out_dtype)
+    return jnp.broadcast_to(log_scale, (batch, 2))
 
 
 def spatial_softmax_weights(weight_logits, log_scale):

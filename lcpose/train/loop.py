@@ -38,6 +38,7 @@ import time
 from typing import Any, List, NamedTuple, Optional, Sequence
 
 import jax
+import optax
 
 from lcpose.train.checkpoint import Checkpointer
 from lcpose.train.objective import ObjectiveConfig, make_objective, uses_scale_branch
@@ -54,7 +55,8 @@ __all__ = ["TrainConfig", "TrainResult", "train", "build_model", "load_trained",
 # run sends lcpose.models.registry.example_keys(model) of its own model.
 TRAIN_KEYS = ("image", "xyz", "mask_visib", "K_out", "R", "t", "bbox3d")
 # Metrics drawn in curves.png (those present).
-CURVE_KEYS = ("loss", "loss/xyz", "loss/mask", "loss/pose", "loss/weight_bce", "grad_correct",
+CURVE_KEYS = ("loss", "loss/xyz", "loss/mask", "loss/pose", "loss/weight_bce", "loss/code",
+              "code/bit_error", "grad_correct",
               "lc/e_cov", "lc/e_prior", "lc/e_linear", "log_scale", "grad_norm", "grad/xyz_norm",
               "grad/log_scale_norm", "lr")
 CONFIG_FILE = "config.json"   # the run's configuration (also saved with every checkpoint)
@@ -70,9 +72,12 @@ class TrainConfig:
     preset / model_overrides: passed to its ``build`` (GDR-Net: a ``lcpose.models.PRESETS``
       name and GDRNet attribute overrides as (name, value) pairs). ``scale_branch`` follows the
       objective (:func:`~lcpose.train.objective.uses_scale_branch`) unless overridden here.
-    input_size / output_size: crop and map sizes (must match the preset's stride: out = in / 4).
+    input_size / output_size: crop and map sizes (must match the network: GDR-Net out = in / 4,
+      ZebraPose out = in / 2).
     batch_size: global batch (split across local devices; divisible by their number).
     total_steps: optimiser updates. learning_rate, weight_decay: Ranger's (2e-4, 1e-4).
+    optimizer: "ranger" (RAdam + Lookahead, the LC recipe) or "adam" (ZebraPose's; plain
+      optax.adam on the same schedule, weight_decay must then be 0).
     warmup_steps / warmup_factor / anneal_start: the flat-cosine schedule (1000 / 0.001 / 0.72).
     clip_weight_logits: the LC recipe's running-norm clipper on the weight-logit gradient
       (rel_thresh 0.7, the reference's ``clip_weight_grad``, on by default).
@@ -103,6 +108,7 @@ class TrainConfig:
     total_steps: int = 1000
     learning_rate: float = 2e-4
     weight_decay: float = 1e-4
+    optimizer: str = "ranger"
     warmup_steps: int = 1000
     warmup_factor: float = 0.001
     anneal_start: float = 0.72
@@ -136,6 +142,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {self.input_size}")
+        if self.optimizer not in ("ranger", "adam"):
+            raise ValueError(f"optimizer must be 'ranger' or 'adam', got {self.optimizer!r}")
+        if self.optimizer == "adam" and self.weight_decay:
+            raise ValueError(f"weight_decay={self.weight_decay} needs optimizer='ranger' (adam has none)")
         if self.warmup_steps < 0 or self.worker_count < 0:
             raise ValueError("warmup_steps and worker_count must be >= 0")
         for name in ("color_aug_prob", "bg_switch_prob", "rotate_prob"):
@@ -188,16 +198,18 @@ def _compiled_step(model, objective: ObjectiveConfig, cfg_key: tuple):
 
 
 def _make_tx(cfg_key: tuple):
-    (lr, wd, total, warmup, wf, anneal, _) = cfg_key
+    (lr, wd, total, warmup, wf, anneal, optimizer, _) = cfg_key
     sched = flat_cosine_schedule(lr, total, anneal_start=anneal, warmup_steps=warmup,
                                  warmup_factor=wf)
+    if optimizer == "adam":
+        return optax.adam(sched), sched
     return ranger(sched, weight_decay=wd), sched
 
 
 def _step_key(cfg: TrainConfig) -> tuple:
     return (float(cfg.learning_rate), float(cfg.weight_decay), int(cfg.total_steps),
             int(cfg.warmup_steps), float(cfg.warmup_factor), float(cfg.anneal_start),
-            output_clips(cfg))
+            str(cfg.optimizer), output_clips(cfg))
 
 
 def output_clips(cfg: TrainConfig) -> tuple:
