@@ -1,0 +1,211 @@
+"""Sparse keypoints (the paper's Table 5): FPS keypoints, DSNT, the Laplace NLL, the data path.
+
+Numerics run on small analytic inputs; the data-path test builds a tiny synthetic BOP set once
+per module (2 objects, 4 + 2 images).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcpose.data import keypoints as KP
+from lcpose.models import dsnt as D
+from tests.numeric import central_differences
+
+
+def _blob(h, w, k_centres, sigmas, dtype):
+    v, u = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    maps = [-((u - cu) ** 2 + (v - cv) ** 2) / (2 * s * s) for (cu, cv), s in zip(k_centres, sigmas)]
+    return jnp.asarray(np.stack(maps, -1), dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# DSNT
+# ------------------------------------------------------------------------------------------
+
+
+def test_dsnt_gaussian_blob_gives_centre_and_variance_float32():
+    """A sampled Gaussian log-density gives its centre and sigma^2 (float32): the integer-grid
+    sums of a Gaussian with sigma >= 1 equal the continuous moments to ~1e-8 (Poisson
+    summation), so what remains is float32 rounding."""
+    centres = [(20.3, 41.7), (31.5, 30.25), (24.0, 33.9)]   # >= 6 sigma from the border
+    sigmas = [2.5, 1.2, 4.0]
+    out = D.dsnt(_blob(64, 64, centres, sigmas, jnp.float32))
+    assert out.mean.dtype == jnp.float32 and out.var.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out.mean), np.array(centres), atol=2e-3)
+    np.testing.assert_allclose(np.asarray(out.var), np.repeat(np.square(sigmas)[:, None], 2, 1), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(out.prob).sum((0, 1)), 1.0, rtol=1e-5)
+    assert bool(jnp.all(out.finite))
+
+
+def test_dsnt_flat_and_one_hot_bounds_of_the_weights():
+    h = w = 16
+    flat = D.dsnt(jnp.zeros((h, w, 1), jnp.float32))
+    np.testing.assert_allclose(np.asarray(flat.mean), [[7.5, 7.5]], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(flat.var), [[(w * w - 1) / 12.0] * 2], rtol=1e-5)
+    hot = jnp.full((h, w, 1), -1e4, jnp.float32).at[3, 5, 0].set(0.0)
+    one = D.dsnt(hot)
+    np.testing.assert_allclose(np.asarray(one.mean), [[5.0, 3.0]], atol=1e-5)
+    std = D.keypoint_std(one.var)
+    np.testing.assert_allclose(np.asarray(std), math.sqrt(1 / 12), rtol=1e-5)   # the one-pixel floor
+    assert float(jnp.max(1.0 / std)) <= math.sqrt(12) + 1e-4
+    # the largest possible variance: mass split over the extreme columns -> w2d >= ~2 / (W - 1)
+    two = jnp.full((h, w, 1), -1e4, jnp.float32).at[0, 0, 0].set(0.0).at[0, w - 1, 0].set(0.0)
+    np.testing.assert_allclose(float(D.dsnt(two).var[0, 0]), ((w - 1) / 2) ** 2, rtol=1e-5)
+
+
+def test_dsnt_and_nll_gradients_match_finite_differences_float64():
+    # float64 inputs (tests/conftest.py enables x64) run the float64 path
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(5, 6, 2)) * 2.0)
+    gt = jnp.asarray(rng.uniform(0, 4, size=(2, 2)))
+    a = jnp.asarray(rng.normal(size=(2, 2)))
+    valid = jnp.array([True, False])
+
+    def f(lg):
+        out = D.dsnt(lg)
+        std = D.keypoint_std(out.var)
+        nll, _ = D.laplace_nll(out.mean, gt, std, valid)
+        return jnp.sum(a * out.mean) + 0.3 * jnp.sum(a * out.var) + nll + jnp.sum(1.0 / std)
+
+    g = jax.grad(f)(logits)
+    (num,) = central_differences(jax.jit(f), [logits])
+    np.testing.assert_allclose(np.asarray(g), num, rtol=1e-6, atol=1e-8)
+
+
+def test_laplace_nll_matches_formula():
+    rng = np.random.default_rng(1)
+    x, xg = rng.normal(size=(5, 2)) * 3, rng.normal(size=(5, 2)) * 3
+    std = rng.uniform(0.3, 4.0, size=(5, 2))
+    valid = np.array([1, 1, 0, 1, 0], bool)
+    b = std / np.sqrt(2.0)                                  # Laplace: var = 2 b^2
+    per = (np.abs(x - xg) / b + np.log(b)).sum(1)
+    nll, per_k = D.laplace_nll(jnp.asarray(x), jnp.asarray(xg), jnp.asarray(std), jnp.asarray(valid))
+    np.testing.assert_allclose(float(nll), per[valid].sum() / (2 * valid.sum()), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(per_k), per * valid, rtol=1e-12)
+    # no valid keypoint: 0, not NaN
+    nll0, _ = D.laplace_nll(jnp.asarray(x), jnp.asarray(xg), jnp.asarray(std), jnp.zeros(5, bool))
+    assert float(nll0) == 0.0
+
+
+def test_nan_heatmap_is_flagged_and_does_not_leak():
+    logits = _blob(8, 8, [(3.0, 4.0), (5.0, 2.0)], [1.0, 1.5], jnp.float32)
+    bad = logits.at[2, 2, 1].set(jnp.nan)
+    out = D.dsnt(bad)
+    assert out.finite.tolist() == [True, False]
+    assert bool(jnp.all(jnp.isfinite(out.mean))) and bool(jnp.all(jnp.isfinite(out.var)))
+    np.testing.assert_allclose(np.asarray(out.mean[0]), np.asarray(D.dsnt(logits).mean[0]), rtol=1e-6)
+
+    def f(lg):
+        o = D.dsnt(lg)
+        return jnp.sum(o.mean * o.finite[:, None]) + jnp.sum(D.keypoint_std(o.var))
+
+    g = jax.grad(f)(bad)
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_dsnt_bad_shapes_raise():
+    with pytest.raises(ValueError, match="heatmap logits"):
+        D.dsnt(jnp.zeros((8, 8)))
+    with pytest.raises(ValueError, match="heatmap logits"):
+        D.dsnt(jnp.zeros((8, 8, 2), jnp.int32))
+    with pytest.raises(ValueError, match="x, x_gt and std"):
+        D.laplace_nll(jnp.zeros((4, 2)), jnp.zeros((4, 3)), jnp.ones((4, 2)))
+
+
+# ------------------------------------------------------------------------------------------
+# Keypoints
+# ------------------------------------------------------------------------------------------
+
+
+def _box_mesh(size=(40.0, 60.0, 100.0)):
+    import trimesh
+
+    m = trimesh.creation.box(extents=size)
+    return np.asarray(m.vertices), np.asarray(m.faces)
+
+
+def test_fps_keypoints_are_deterministic_spread_and_on_the_surface():
+    V, F = _box_mesh()
+    k1 = KP.model_keypoints(V, F, 16)
+    k2 = KP.model_keypoints(V, F, 16)
+    assert k1.shape == (16, 3) and k1.dtype == np.float32
+    np.testing.assert_array_equal(k1, k2)
+    # on the surface of the box: at least one coordinate on a face
+    half = np.array([20.0, 30.0, 50.0])
+    assert np.all(np.min(np.abs(np.abs(k1) - half), axis=1) < 1e-3)
+    # spread: FPS's minimum pairwise distance beats a random draw of 16 surface points by far
+    def min_dist(P):
+        d = np.linalg.norm(P[:, None] - P[None], axis=-1)
+        return d[~np.eye(len(P), dtype=bool)].min()
+    rand = KP.surface_samples(V, F, 16, seed=3)
+    assert min_dist(k1) > 2 * min_dist(rand)
+    # the first pick is the surface point farthest from the centre: a box corner
+    np.testing.assert_allclose(np.abs(k1[0]), half, atol=1.5)
+    ext = KP.model_keypoints(V, F, 8, ("centroid", "corners"))
+    assert ext.shape == (17, 3)
+    np.testing.assert_allclose(ext[8], 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.abs(ext[9:]), np.broadcast_to(half, (8, 3)), atol=1e-5)
+
+
+def test_keypoint_specs_and_too_few_keypoints():
+    assert KP.parse_spec("fps16") == (16, ())
+    assert KP.parse_spec("fps0+corners") == (0, ("corners",))
+    for bad in ("fps3", "fps16+nose", "kp16", "fps2+centroid"):
+        with pytest.raises(ValueError, match="keypoint spec"):
+            KP.parse_spec(bad)
+    V, F = _box_mesh()
+    with pytest.raises(ValueError, match="at least 4"):
+        KP.model_keypoints(V, F, 3)
+
+
+def test_project_keypoints_flags_points_outside_and_behind():
+    K = np.array([[100.0, 0, 8.0], [0, 100.0, 8.0], [0, 0, 1]])
+    X = np.array([[0.0, 0, 0], [0.0, 0, -2000.0], [300.0, 0, 0], [-79.0, 0, 0]])
+    uv, inside = KP.project_keypoints(X, np.eye(3), np.array([0.0, 0.0, 1000.0]), K, 16)
+    assert inside.tolist() == [1.0, 0.0, 0.0, 1.0]
+    np.testing.assert_allclose(uv[0], [8.0, 8.0])
+    np.testing.assert_allclose(uv[3], [8.0 - 7.9, 8.0], atol=1e-5)
+    assert np.all(np.isfinite(uv))
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    from lcpose.data.synthetic import ensure_synthetic_tfds
+
+    cache = tmp_path_factory.mktemp("sparse_cache")
+    return ensure_synthetic_tfds(cache, objects=2, train_images=4, test_images=2, workers=0, progress=False)
+
+
+def test_keypoint_projections_on_the_synthetic_set(tiny_set):
+    """kpt2d is the keypoints' projection on the output grid: checked through the independent
+    path full-image projection -> crop affine (< 0.5 px, in fact ~1e-4), in training crops
+    (dynamic zoom-in) and test crops; the keypoints are the dataset's cached FPS keypoints."""
+    from lcpose import geometry
+    from lcpose.data.pipeline import KEYPOINT_KEYS, OUTPUT_KEYS, make_loader
+
+    ids, kpts = KP.ensure_keypoints(tiny_set, "fps16")
+    assert kpts.shape == (2, 16, 3)
+    n = 0
+    for split, train in (("train_pbr", True), ("test", False)):
+        loader = make_loader(tiny_set, split, 4, train, worker_count=0, num_epochs=1, keypoints="fps16",
+                             input_size=64, output_size=16)
+        for batch in loader:
+            assert set(batch) == set(OUTPUT_KEYS) | set(KEYPOINT_KEYS)
+            assert batch["kpt2d"].shape == (4, 16, 2) and batch["kpt_in_crop"].shape == (4, 16)
+            for i in np.nonzero(batch["valid_example"])[0]:
+                np.testing.assert_array_equal(batch["kpt3d"][i], kpts[batch["obj_index"][i]])
+                X = batch["kpt3d"][i].astype(np.float64)
+                uv_full = np.asarray(geometry.project(X, batch["R"][i].astype(np.float64),
+                                                      batch["t"][i].astype(np.float64),
+                                                      batch["K"][i].astype(np.float64)))
+                A = geometry.crop_affine_np(batch["roi_center"][i], batch["roi_scale"][i], 16)
+                uv_out = uv_full @ A[:, :2].T + A[:, 2]
+                err = np.abs(uv_out - batch["kpt2d"][i])
+                assert err.max() < 0.5, err.max()
+                inside = np.all((uv_out >= -0.5) & (uv_out <= 15.5), axis=1)
+                np.testing.assert_array_equal(inside, batch["kpt_in_crop"][i] > 0)
+                n += 1
+    assert n >= 6
