@@ -209,3 +209,113 @@ def test_keypoint_projections_on_the_synthetic_set(tiny_set):
                 np.testing.assert_array_equal(inside, batch["kpt_in_crop"][i] > 0)
                 n += 1
     assert n >= 6
+
+
+# ------------------------------------------------------------------------------------------
+# The heatmap head (lcpose.models.sparse) with the registries
+# ------------------------------------------------------------------------------------------
+
+
+def _scene(kp=8, size=16, seed=0):
+    """Keypoints on a 60 mm object 600 mm away, seen by a 16x16 output grid."""
+    from lcpose import geometry
+
+    rng = np.random.default_rng(seed)
+    kpt3d = rng.uniform(-30, 30, size=(kp, 3))
+    R = np.asarray(geometry.so3_exp(jnp.asarray([0.3, -0.2, 0.5])))
+    t = np.array([5.0, -8.0, 600.0])
+    K = np.array([[100.0, 0, 7.5], [0, 100.0, 7.5], [0, 0, 1]])
+    kpt2d, in_crop = KP.project_keypoints(kpt3d, R, t, K, size)
+    return dict(kpt3d=kpt3d.astype(np.float32), kpt2d=kpt2d, kpt_in_crop=in_crop, K_out=K.astype(np.float32),
+                R=R.astype(np.float32), t=t.astype(np.float32),
+                bbox3d=np.asarray(geometry.bbox3d_corners(np.full(3, -30.0), np.full(3, 30.0)), np.float32))
+
+
+def _peaked_logits(kpt2d, size=16, sigma=0.8):
+    return _blob(size, size, [tuple(p) for p in kpt2d], [sigma] * len(kpt2d), jnp.float32)
+
+
+def test_sparse_model_outputs_one_heatmap_per_keypoint():
+    from lcpose.models.registry import get_model, map_size
+
+    model = get_model("sparse", preset="cpu", keypoints="fps16", encoder_widths=(8, 8, 16, 16), head_channels=8)
+    assert map_size(model, 64) == 16
+    from lcpose.models import init_variables
+
+    variables = init_variables(model, 0, 64)
+    out = model.apply(variables, jnp.zeros((2, 64, 64, 3)), train=False)
+    assert set(out) == {"heatmap_logits"} and out["heatmap_logits"].shape == (2, 16, 16, 16)
+    with pytest.raises(ValueError, match="at least 4"):
+        get_model("sparse", preset="cpu", keypoints="fps3")
+
+
+def test_sparse_decode_masks_keypoints_outside_the_crop_and_detaches_x3d():
+    from lcpose.models import sparse
+
+    ex = _scene()
+    ex["kpt_in_crop"] = ex["kpt_in_crop"].copy()
+    ex["kpt_in_crop"][2] = 0.0                                  # as if it left the crop
+    out = {"heatmap_logits": _peaked_logits(ex["kpt2d"])}
+    corr, aux = sparse.decode_train(jax.random.key(0), out, ex, None)
+    assert corr.valid.tolist() == [i != 2 for i in range(8)]
+    assert float(jnp.abs(corr.w2d[2]).sum()) == 0.0 and bool(jnp.all(corr.w2d[corr.valid] > 0))
+    np.testing.assert_allclose(np.asarray(corr.x2d), ex["kpt2d"], atol=0.05)
+    np.testing.assert_allclose(np.asarray(corr.w2d[corr.valid]), 1 / np.asarray(aux["std"][corr.valid]), rtol=1e-6)
+    g = jax.grad(lambda k3: jnp.sum(sparse.decode_train(None, out, dict(ex, kpt3d=k3), None)[0].x3d))(
+        jnp.asarray(ex["kpt3d"]))
+    assert float(jnp.abs(g).sum()) == 0.0                       # fixed keypoints: no gradient
+    test = sparse.decode_test(out, ex, None)
+    assert bool(jnp.all(test.valid))
+    with pytest.raises(ValueError, match="kpt3d"):
+        sparse.decode_train(None, out, dict(ex, kpt3d=ex["kpt3d"][:5]), None)
+
+
+def test_sparse_surrogate_is_the_laplace_nll_and_survives_nan_maps():
+    from lcpose.models import sparse
+
+    ex = _scene()
+    logits = _peaked_logits(ex["kpt2d"] + 0.3, sigma=1.5)
+    loss, m = sparse.surrogate_loss({"heatmap_logits": logits}, ex, None)
+    est = D.dsnt(logits)
+    ref, _ = D.laplace_nll(est.mean, jnp.asarray(ex["kpt2d"]), D.keypoint_std(est.var), ex["kpt_in_crop"] > 0)
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+    v = ex["kpt_in_crop"] > 0
+    np.testing.assert_allclose(float(m["kpt/err_px"]), np.abs(np.asarray(est.mean) - ex["kpt2d"])[v].mean(), rtol=1e-5)
+    assert 0.2 < float(m["kpt/err_px"]) < 0.35         # the 0.3 px shift, less the border's pull
+    bad = logits.at[0, 0, 3].set(jnp.nan)
+    loss_b, m_b = sparse.surrogate_loss({"heatmap_logits": bad}, ex, None)
+    assert np.isfinite(float(loss_b)) and float(m_b["kpt/nonfinite"]) == 1.0
+    g = jax.grad(lambda lg: sparse.surrogate_loss({"heatmap_logits": lg}, ex, None)[0])(bad)
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_lc_on_keypoints_through_the_registry_and_both_table5_solvers():
+    """LC (pose-loss registry) on the DSNT correspondences: finite, gradients reach the logits;
+    the two Table 5 solvers (solver registry) recover the pose from exact keypoints, and the
+    weighted solver's starting pose is the RANSAC solver's pose (same key)."""
+    from lcpose.losses import PoseLossInputs, get_pose_loss
+    from lcpose.models import sparse
+    from lcpose.pnp import get_solver
+
+    ex = _scene(kp=16)
+    assert ex["kpt_in_crop"].all()
+    lc = get_pose_loss("lc")
+
+    def loss(lg):
+        corr, _ = sparse.decode_train(None, {"heatmap_logits": lg}, ex, None)
+        v, _ = lc.fn(PoseLossInputs(corr, jnp.asarray(ex["K_out"]), jnp.asarray(ex["R"]), jnp.asarray(ex["t"]),
+                                    jnp.asarray(ex["bbox3d"]), jax.random.key(0)))
+        return v
+
+    logits = _peaked_logits(ex["kpt2d"], sigma=1.0)
+    v, g = jax.jit(jax.value_and_grad(loss))(logits)
+    assert np.isfinite(float(v)) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+    corr = sparse.decode_test({"heatmap_logits": logits}, ex, None)
+    key = jax.random.key(3)
+    kw = dict(hypotheses=32, threshold_px=0.5)
+    r_w, m_w = jax.jit(lambda k, c, K: get_solver("weighted")(k, c, K, **kw))(key, corr, jnp.asarray(ex["K_out"]))
+    r_r, _ = jax.jit(lambda k, c, K: get_solver("ransac")(k, c, K, **kw))(key, corr, jnp.asarray(ex["K_out"]))
+    np.testing.assert_allclose(np.asarray(m_w["R_ransac"]), np.asarray(r_r.R), atol=1e-6)
+    for r in (r_w, r_r):
+        np.testing.assert_allclose(np.asarray(r.t), ex["t"], atol=2.0)      # mm at 600 mm
+        np.testing.assert_allclose(np.asarray(r.R), ex["R"], atol=5e-3)

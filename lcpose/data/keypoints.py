@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "DEFAULT_SPEC", "KEYPOINT_EXTRAS", "parse_spec", "surface_samples", "farthest_point_sampling",
+    "DEFAULT_SPEC", "KEYPOINT_EXTRAS", "parse_spec", "spec_size", "surface_samples", "farthest_point_sampling",
     "model_keypoints", "ensure_keypoints", "keypoints_path", "project_keypoints",
 ]
 
@@ -51,10 +51,19 @@ def parse_spec(spec: str) -> tuple[int, tuple[str, ...]]:
     bad = [e for e in extra if e not in KEYPOINT_EXTRAS]
     if bad or len(set(extra)) != len(extra):
         raise ValueError(f"keypoint spec {spec!r}: extras must be distinct names of {KEYPOINT_EXTRAS}, got {extra}")
-    total = count + ("centroid" in extra) + 8 * ("corners" in extra)
+    total = _total(count, extra)
     if total < 4:
         raise ValueError(f"keypoint spec {spec!r} gives {total} keypoints; PnP needs at least 4")
     return count, extra
+
+
+def _total(count: int, extra: Sequence[str]) -> int:
+    return count + ("centroid" in extra) + 8 * ("corners" in extra)
+
+
+def spec_size(spec: str) -> int:
+    """Number of keypoints of a spec (``"fps16+centroid"`` -> 17)."""
+    return _total(*parse_spec(spec))
 
 
 def _check_mesh(V, F):
