@@ -33,8 +33,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.lmo_gdr", description=__doc__.split("\n")[0])
+def parse_args(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m experiments.lmo_gdr",
+               description: Optional[str] = None, default_workdir: str = "runs/lmo_gdr") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n")[0])
     p.add_argument("--config", default="cpu", help="cpu (default) or paper (experiments/config.py)")
     p.add_argument("--bop_root", default=None,
                    help="real BOP dataset folder (e.g. /data/bop/lmo); default: the embedded synthetic set")
@@ -51,7 +52,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=None, help="training epochs (overrides the config)")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--variants", default=None, help="comma-separated, e.g. baseline,lc,bpnp (experiments.config.VARIANTS)")
-    p.add_argument("--workdir", default="runs/lmo_gdr")
+    p.add_argument("--workdir", default=default_workdir)
     p.add_argument("--resume", action="store_true", help="continue each variant from its newest checkpoint")
     p.add_argument("--pretrained", default=None, help="converted ImageNet encoder (data_prep.convert_resnet --out)")
     p.add_argument("--workers", type=int, default=None, help="grain worker processes")
@@ -61,10 +62,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _config(args):
+def _config(args, configs=None, variants=None):
     from experiments.config import VARIANTS, get_config
 
-    cfg = get_config(args.config)
+    VARIANTS = VARIANTS if variants is None else variants
+    cfg = get_config(args.config, configs)
     tr = {}
     if args.steps is not None:
         tr["total_steps"] = int(args.steps)
@@ -114,19 +116,27 @@ def _dataset(args, cfg):
                       detections=args.detections, progress=not args.no_progress), dataset
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parse flags, train and evaluate every variant, write results.json; returns its content."""
-    args = parse_args(argv)
+def run(argv: Optional[Sequence[str]] = None, *, configs=None, variants=None,
+        prog: str = "python -m experiments.lmo_gdr", description: Optional[str] = None,
+        default_workdir: str = "runs/lmo_gdr", method: str = "gdrnet") -> dict:
+    """Parse flags, train and evaluate every variant, write results.json; returns its content.
+
+    The keywords let another entry point run its own model with this job (e.g.
+    experiments.lmo_sparse): ``configs`` / ``variants`` replace experiments.config's CONFIGS /
+    VARIANTS, ``method`` names the BOP csv files (``<method><variant>_<dataset>-test.csv``).
+    """
+    args = parse_args(argv, prog=prog, description=description, default_workdir=default_workdir)
     import jax
 
     from experiments.config import objective_for
     from lcpose import evaluate as E
     from lcpose.data.pipeline import make_loader, resolve_dataset_dir
+    from lcpose.models.registry import test_keys
     from lcpose.train import eval_params
     from lcpose.train.loop import train
 
     t_start = time.perf_counter()
-    cfg = _config(args)
+    cfg = _config(args, configs, variants)
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     tfds_dir, dataset = _dataset(args, cfg)
@@ -149,7 +159,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     results_path = os.path.join(workdir, "results.json")
     objects = _objects(cfg, test_loader)
-    results = {"dataset": dataset, "tfds_dir": tfds_dir, "config": cfg.name,
+    results = {"dataset": dataset, "tfds_dir": tfds_dir, "workdir": workdir, "config": cfg.name,
                "train": cfg.train.to_json(), "boxes": cfg.boxes,
                "pnp": dataclasses.asdict(cfg.pnp), "devices": jax.local_device_count(),
                "platform": jax.devices()[0].platform, "data_seconds": round(data_seconds, 1),
@@ -161,7 +171,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     summaries = {}
     curves = {}
     for variant in cfg.variants:
-        objective = objective_for(cfg, variant, cfg.train.total_steps)
+        objective = objective_for(cfg, variant, cfg.train.total_steps, variants)
         vdir = os.path.join(workdir, variant)
         outs, histories, wstats = [], [], []
         steps = train_seconds = compile_seconds = eval_seconds = 0.0
@@ -176,6 +186,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             predict = jax.jit(E.make_predict_fn(res.model, cfg.pnp))
             loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
             outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
+                                   extra_keys=test_keys(res.model),
                                    desc=f"eval {name}"))
             # where the weights went (weights.png next to the run's curves)
             first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
@@ -191,7 +202,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         errors = E.compute_errors(out, test_loader.models, image_width=image_width)
         errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
         summary = E.summarize(out, errors, errors_r)
-        csv = E.write_bop_csv(os.path.join(vdir, f"gdrnet{variant.replace('_', '')}_{dataset}-test.csv"), out)
+        csv = E.write_bop_csv(os.path.join(vdir, f"{method}{variant.replace('_', '')}_{dataset}-test.csv"), out)
         gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
         last = [h[-1] for h in histories if h]
         summaries[variant] = summary
@@ -203,11 +214,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             "eval_seconds": round(eval_seconds, 1),
             "time_per_instance_ms": round(1000 * float(np.mean(out["time"])), 2),
             "objective": dataclasses.asdict(objective) | {"loss_kwargs": dict(objective.loss_kwargs)},
-            "final_loss": float(np.mean([r["loss"] for r in last])) if last else None,
-            "final_xyz_loss": float(np.mean([r["loss/xyz"] for r in last])) if last else None,
+            "final_loss": _mean_stat(last, "loss"),
+            "final_xyz_loss": _mean_stat(last, "loss/xyz"),   # None for a head without xyz
             "grad_correct": round(100 * float(np.mean(gc)), 2) if gc else None,
-            "weight_on_mask": round(float(np.mean([w["weight_on_mask"] for w in wstats])), 2),
-            "weight_n_eff": round(float(np.mean([w["weight_n_eff"] for w in wstats])), 1),
+            # dense weight maps only (a head without a "w2d" map output has none: None)
+            "weight_on_mask": _mean_stat(wstats, "weight_on_mask", 2),
+            "weight_n_eff": _mean_stat(wstats, "weight_n_eff", 1),
+            "final_kpt_err_px": _mean_stat(last, "kpt/err_px"),   # the sparse head's DSNT error
             "bop_csv": csv,
         }
         _write_json(results_path, results)
@@ -221,8 +234,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                           f"{cfg.train.total_steps} steps)"))
     for v, r in results["variants"].items():
         gc = f", gradient correctness {r['grad_correct']:.1f} %" if r["grad_correct"] is not None else ""
-        print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}; test weights: "
-              f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
+        ws = (f"; test weights: {r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} "
+              "effective pixels" if r["weight_on_mask"] is not None else "")
+        print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}{ws}")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
 
@@ -237,12 +251,24 @@ def _objects(cfg, test_loader):
 
 def _test_loader(tfds_dir, cfg, obj_ids, workers=None):
     from lcpose.data.pipeline import make_loader
+    from lcpose.models.registry import get_model, loader_kwargs
 
     workers = min(cfg.train.worker_count, 2) if workers is None else workers
+    # what the model's head needs from the loader (e.g. the sparse head's keypoints)
+    model = get_model(cfg.train.model, preset=cfg.train.preset, **dict(cfg.train.model_overrides))
     return make_loader(tfds_dir, cfg.test_split, cfg.eval_batch_size, train=False,
                        worker_count=workers, boxes=cfg.boxes,
                        obj_ids=obj_ids, input_size=cfg.train.input_size,
-                       output_size=cfg.train.output_size)
+                       output_size=cfg.train.output_size, **loader_kwargs(model))
+
+
+def _mean_stat(records, name, digits=None):
+    """Mean of ``name`` over the records that have it (rounded to ``digits``), None if none has."""
+    vals = [r[name] for r in records if name in r]
+    if not vals:
+        return None
+    m = float(np.mean(vals))
+    return m if digits is None else round(m, digits)
 
 
 def _image_width(tfds_dir) -> float:
@@ -286,12 +312,16 @@ def _plot_losses(curves, path):
     plt.close(fig)
 
 
-def main():
+def exit_on_sigterm():
+    """SIGTERM (e.g. a job scheduler) exits like Ctrl-C: finally-blocks close the checkpointer
+    and multiprocessing's exit handlers stop the grain workers instead of orphaning them."""
     import signal
 
-    # SIGTERM (e.g. a job scheduler) exits like Ctrl-C: finally-blocks close the checkpointer
-    # and multiprocessing's exit handlers stop the grain workers instead of orphaning them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
+def main():
+    exit_on_sigterm()
     run()
 
 

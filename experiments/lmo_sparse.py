@@ -117,12 +117,14 @@ def format_table5(rows: Sequence[Mapping], title: str) -> str:
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Train and evaluate the variants (experiments.lmo_gdr.run with the sparse configurations);
     adds "table5" to results.json and prints it."""
+    import os
+
     from experiments import lmo_gdr
 
     results = lmo_gdr.run(argv, configs=CONFIGS, variants=VARIANTS, prog="python -m experiments.lmo_sparse",
-                          default_workdir="runs/lmo_sparse", method="sparse")
+                          description=__doc__.split("\n")[0], default_workdir="runs/lmo_sparse", method="sparse")
     results["table5"] = table5(results)
-    lmo_gdr._write_json(results["results_path"], results)
+    lmo_gdr._write_json(os.path.join(results["workdir"], "results.json"), results)
     steps = results["train"]["total_steps"]
     print(format_table5(results["table5"], f"Table 5: ADD(-S) 0.1d [%] on {results['dataset']} "
                                            f"({results['config']} config, {steps} steps per network)"))

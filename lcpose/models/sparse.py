@@ -37,11 +37,13 @@ from lcpose.models.dsnt import dsnt, keypoint_std, laplace_nll
 from lcpose.models.gdrnet import IMAGENET_MEAN, IMAGENET_STD, PRESETS, RotHead, check_images, output_size
 from lcpose.models.resnet import TORCHVISION_WIDTHS, ResNet
 
-__all__ = ["SparseKeypointNet", "EXAMPLE_KEYS", "build", "loader_kwargs", "map_size", "keypoint_estimates",
+__all__ = ["SparseKeypointNet", "EXAMPLE_KEYS", "TEST_KEYS", "build", "loader_kwargs", "map_size", "keypoint_estimates",
            "decode_train", "decode_test", "surrogate_loss"]
 
-# Batch keys the head reads in training (lcpose.data.pipeline with make_loader(keypoints=spec)).
+# Batch keys the head reads in training and at test time (lcpose.data.pipeline with
+# make_loader(keypoints=spec); lcpose.models.registry).
 EXAMPLE_KEYS = ("kpt3d", "kpt2d", "kpt_in_crop")
+TEST_KEYS = ("kpt3d",)
 
 
 class SparseKeypointNet(nn.Module):

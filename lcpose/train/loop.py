@@ -254,7 +254,7 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     """
     from lcpose.data.pipeline import make_loader
     from lcpose.models import init_variables, load_encoder_weights, merge_encoder_weights
-    from lcpose.models.registry import example_keys
+    from lcpose.models.registry import example_keys, loader_kwargs
 
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -269,7 +269,8 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
                          seed=cfg.seed, shard=(jax.process_index(), n_proc),
                          worker_count=cfg.worker_count, obj_ids=cfg.obj_ids,
                          input_size=cfg.input_size, output_size=cfg.output_size,
-                         color_aug_prob=cfg.color_aug_prob, bg_switch_prob=cfg.bg_switch_prob)
+                         color_aug_prob=cfg.color_aug_prob, bg_switch_prob=cfg.bg_switch_prob,
+                         **loader_kwargs(model))
     tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
 
     run_meta = _meta(cfg, objective, tfds_dir, meta)
