@@ -20,6 +20,13 @@ solver's pose for the same key, so one pass gives both). The printed Table 5 and
 (per-object ADD(-S), AUC, AR_MSPD, checkpoints, BOP csv, curves) is the main job's
 (`experiments.lmo_gdr`, whose run this entry point calls with the configurations below).
 
+Configurations: ``cpu`` (default) -- the main job's CPU-sized network (ResNet-18 at a quarter
+of the channels, 64x64 crops -> 16x16 maps), object 5, 2400 steps per variant, LC blended in over
+the first 600 steps; ``paper`` -- 16 keypoints, ResNet-34, 256 -> 64, Ranger lr 1e-4, wd 1e-4,
+batch 32, 80 epochs, flat-cosine from 72 %, pose loss blended in until step 4000 (the objective's
+``pose_loss_start_step``, as the GDR-Net recipe's 2000), detections at test time. Not in it: the
+in-plane rotation augmentation of the official configuration -- the data loader has none yet.
+
 Why LC weight 0.02: the LC loss is a log-likelihood-like quantity (log E_prior plus a ratio
 of order 1) that does not grow with the number of points, and the Laplace NLL is a mean per
 keypoint and axis of order 1, as GDR-Net's normalised L1 loss is; so the relative scale of the
