@@ -45,7 +45,9 @@ class ExperimentConfig:
       object id) instead of one class-agnostic network for all objects.
     pose_points: which sampled pixels enter the pose loss, "all" (the paper) or "mask" (the
       ground-truth visible mask; ``lcpose.train.objective.ObjectiveConfig.pose_points``).
-    objects: the objects to train and test (None: ``train.obj_ids``, else all of the dataset).
+    objects: the objects to train and test (None: all of the dataset). The one place for
+      them: a ``train.obj_ids`` given without ``objects`` moves here, and each run's
+      ``train.obj_ids`` is set from it.
     """
 
     name: str
@@ -67,6 +69,13 @@ class ExperimentConfig:
 
     def __post_init__(self):
         check_pose_points(self.pose_points)
+        if self.objects is not None:
+            object.__setattr__(self, "objects", tuple(int(o) for o in self.objects))
+        elif self.train.obj_ids is not None:
+            object.__setattr__(self, "objects", tuple(self.train.obj_ids))
+        if self.train.obj_ids is not None and tuple(self.train.obj_ids) != self.objects:
+            raise ValueError(f"train.obj_ids={self.train.obj_ids} differs from objects={self.objects}; "
+                             "set objects only")
         if self.pose_blend_fractions is not None:
             a, b = (float(x) for x in self.pose_blend_fractions)
             if not 0.0 <= a <= b <= 1.0:

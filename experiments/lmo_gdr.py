@@ -59,11 +59,17 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m e
     p.add_argument("--boxes", choices=["detections", "gt"], default=None, help="test crops from detections or GT boxes")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any configuration field, after the flags above, e.g. "
+                        "--set train.total_steps=100 --set pnp.threshold_px=1.0 (repeatable; "
+                        "experiments/overrides.py); the resolved configuration is printed and "
+                        "saved as <workdir>/experiment_config.json")
     return p.parse_args(argv)
 
 
 def _config(args, configs=None, variants=None):
     from experiments.config import VARIANTS, get_config
+    from experiments.overrides import apply_overrides
 
     VARIANTS = VARIANTS if variants is None else variants
     cfg = get_config(args.config, configs)
@@ -78,8 +84,7 @@ def _config(args, configs=None, variants=None):
     if args.train_split:
         tr["train_split"] = args.train_split
     if args.obj:
-        tr["obj_ids"] = tuple(int(o) for o in args.obj.split(",") if o)
-        cfg = cfg.replace(objects=tr["obj_ids"])
+        cfg = cfg.replace(objects=tuple(int(o) for o in args.obj.split(",") if o))
     if args.per_object is not None:
         cfg = cfg.replace(per_object=bool(args.per_object))
     if args.pretrained:
@@ -92,11 +97,14 @@ def _config(args, configs=None, variants=None):
     if args.boxes:
         cfg = cfg.replace(boxes=args.boxes)
     if args.variants:
-        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-        cfg = cfg.replace(variants=variants)
+        cfg = cfg.replace(variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    try:
+        cfg = apply_overrides(cfg, args.overrides)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     return cfg
 
 
@@ -129,6 +137,7 @@ def run(argv: Optional[Sequence[str]] = None, *, configs=None, variants=None,
     import jax
 
     from experiments.config import objective_for
+    from experiments.overrides import config_to_json
     from lcpose import evaluate as E
     from lcpose.data.pipeline import make_loader, resolve_dataset_dir
     from lcpose.models.registry import test_keys
@@ -144,11 +153,11 @@ def run(argv: Optional[Sequence[str]] = None, *, configs=None, variants=None,
     data_seconds = time.perf_counter() - t_start
     progress = not args.no_progress
 
-    test_loader = _test_loader(tfds_dir, cfg, cfg.objects if cfg.objects is not None else cfg.train.obj_ids)
+    test_loader = _test_loader(tfds_dir, cfg, cfg.objects)
     image_width = _image_width(tfds_dir)
     if cfg.epochs is not None:
         probe = make_loader(tfds_dir, cfg.train.train_split, cfg.train.batch_size, train=True,
-                            worker_count=0, obj_ids=cfg.train.obj_ids)
+                            worker_count=0, obj_ids=cfg.objects)
         steps_per_epoch = max(1, probe.num_examples_total // cfg.train.batch_size)
         cfg = cfg.with_train(total_steps=int(round(cfg.epochs * steps_per_epoch)))
         if cfg.pose_loss_start_step is not None:   # the reference: max(2000 steps, 1 epoch)
@@ -157,6 +166,9 @@ def run(argv: Optional[Sequence[str]] = None, *, configs=None, variants=None,
           f"{jax.devices()[0].platform} device(s); variants {', '.join(cfg.variants)}; "
           f"{cfg.train.total_steps} steps of batch {cfg.train.batch_size}", file=sys.stderr)
 
+    _write_json(os.path.join(workdir, "experiment_config.json"), config_to_json(cfg))
+    print("lcpose: configuration (experiment_config.json)\n" + json.dumps(config_to_json(cfg), indent=1),
+          file=sys.stderr)
     results_path = os.path.join(workdir, "results.json")
     objects = _objects(cfg, test_loader)
     results = {"dataset": dataset, "tfds_dir": tfds_dir, "workdir": workdir, "config": cfg.name,
@@ -166,8 +178,7 @@ def run(argv: Optional[Sequence[str]] = None, *, configs=None, variants=None,
                "per_object": cfg.per_object, "objects": objects, "variants": {}}
     # One run per variant, or (per_object) one run per variant and object in <variant>/obj_XXXXXX.
     # A class-agnostic run trains on the experiment's objects (None: all of the dataset).
-    runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object
-            else [("", cfg.objects if cfg.objects is not None else cfg.train.obj_ids)])
+    runs = ([(f"obj_{o:06d}", (o,)) for o in objects] if cfg.per_object else [("", cfg.objects)])
     summaries = {}
     curves = {}
     for variant in cfg.variants:
@@ -242,10 +253,8 @@ def run(argv: Optional[Sequence[str]] = None, *, configs=None, variants=None,
 
 
 def _objects(cfg, test_loader):
-    """The object ids the experiment trains and tests (sorted ints)."""
-    objs = cfg.objects if cfg.objects is not None else cfg.train.obj_ids
-    if objs is None:
-        objs = test_loader.models.obj_ids
+    """The object ids the experiment trains and tests (sorted ints; None: the dataset's)."""
+    objs = cfg.objects if cfg.objects is not None else test_loader.models.obj_ids
     return sorted(int(o) for o in objs)
 
 

@@ -146,12 +146,7 @@ def load_model_table(tfds_dir: str | os.PathLike) -> ModelTable:
     z = np.load(path)
     obj_ids = z["obj_ids"].astype(np.int32)
     info = {int(k): v for k, v in meta["models_info"].items()}
-    boxes = []
-    for o in obj_ids:
-        e = info[int(o)]
-        mins = np.array([e["min_x"], e["min_y"], e["min_z"]], dtype=np.float32)
-        size = np.array([e["size_x"], e["size_y"], e["size_z"]], dtype=np.float32)
-        boxes.append(np.asarray(geometry.bbox3d_corners(mins, mins + size), dtype=np.float32))
+    boxes = [geometry.model_box_corners(info[int(o)]) for o in obj_ids]
     sym = np.array([bool(info[int(o)].get("symmetries_discrete") or info[int(o)].get("symmetries_continuous")) for o in obj_ids])
     return ModelTable(obj_ids=obj_ids, diameter=z["diameter"].astype(np.float32), bbox3d=np.stack(boxes),
                       points=z["points"].astype(np.float32), symmetric=sym, models_info=info)

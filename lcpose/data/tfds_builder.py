@@ -318,7 +318,8 @@ def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stri
         tpath = os.path.join(bop_root, spec["test_targets"])
         if os.path.isfile(tpath):
             targets = bop.load_test_targets(bop_root, spec["test_targets"])
-    if dataset == "lmo" and split == "train_real":
+    from_lm = bool(spec.get("train_real_from_lm")) and split == "train_real"
+    if from_lm:
         if lm_root is None:
             raise ValueError("LM-O's real training images are LM's: pass lm_root (the BOP 'lm' folder) for split train_real")
         root = lm_root
@@ -334,7 +335,7 @@ def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stri
     n_skipped = 0
     for scene, im_id, insts in bop.iter_instances(root, split_dir, obj_ids=obj_ids, targets=targets,
                                                  scene_ids=scene_ids, im_ids=im_ids):
-        if dataset == "lmo" and split == "train_real":
+        if from_lm:
             insts = [i for i in insts if i.obj_id == scene.scene_id]  # only the scene's object is annotated
         if image_stride > 1 and im_id % image_stride:
             continue
@@ -518,10 +519,8 @@ def build_tfds(
     missing = [o for o in obj_ids if o not in models_info]
     if missing:
         raise bop.BopFormatError(f"{os.path.join(bop_root, 'models', 'models_info.json')}: no entry for obj_ids {missing}")
-    if dataset == "synthetic" and detections is None:
-        from lcpose.data.synthetic import DETECTIONS_FILE
-
-        cand = os.path.join(bop_root, DETECTIONS_FILE)
+    if detections is None and spec.get("detections_file"):
+        cand = os.path.join(bop_root, spec["detections_file"])
         detections = cand if os.path.isfile(cand) else None
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)

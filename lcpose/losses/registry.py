@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from lcpose import registry
 from lcpose.correspondences import Correspondences
 
 __all__ = ["PoseLossInputs", "PoseLoss", "POSE_LOSSES", "register_pose_loss", "get_pose_loss"]
@@ -65,13 +66,10 @@ POSE_LOSSES: Dict[str, PoseLoss] = {}
 def register_pose_loss(name: str, *, uses_scale: Union[bool, Callable[[dict], bool]] = True,
                        active: bool = True):
     """Decorator: register ``fn(inputs: PoseLossInputs, **kwargs) -> (loss, metrics)`` as ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
 
     def deco(fn: PoseLossFn) -> PoseLossFn:
-        if name in POSE_LOSSES and POSE_LOSSES[name].fn is not fn:
-            raise ValueError(f"pose loss {name!r} is already registered ({POSE_LOSSES[name].fn!r})")
-        POSE_LOSSES[name] = PoseLoss(name, fn, uses_scale, active)
+        registry.add(POSE_LOSSES, "pose loss", name, PoseLoss(name, fn, uses_scale, active),
+                     same=lambda old: old.fn is fn)
         return fn
 
     return deco
@@ -79,10 +77,7 @@ def register_pose_loss(name: str, *, uses_scale: Union[bool, Callable[[dict], bo
 
 def get_pose_loss(name: str) -> PoseLoss:
     """The registered pose loss ``name``; ValueError listing the registered names otherwise."""
-    try:
-        return POSE_LOSSES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown pose loss {name!r}; registered: {', '.join(sorted(POSE_LOSSES))}") from None
+    return registry.lookup(POSE_LOSSES, "pose loss", name)
 
 
 # ----------------------------------------------------------------------------------------------

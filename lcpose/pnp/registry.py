@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional
 
 import jax.numpy as jnp
 
+from lcpose import registry
 from lcpose.correspondences import Correspondences
 from lcpose.pnp.ransac import ransac
 from lcpose.pnp.solver import solve
@@ -29,13 +30,9 @@ SOLVERS: Dict[str, SolverFn] = {}
 
 def register_solver(name: str):
     """Decorator: register ``fn(key, corr, K, **kwargs) -> (PnPResult, metrics dict)`` as ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
 
     def deco(fn: SolverFn) -> SolverFn:
-        if name in SOLVERS and SOLVERS[name] is not fn:
-            raise ValueError(f"solver {name!r} is already registered ({SOLVERS[name]!r})")
-        SOLVERS[name] = fn
+        registry.add(SOLVERS, "solver", name, fn, same=lambda old: old is fn)
         return fn
 
     return deco
@@ -43,10 +40,7 @@ def register_solver(name: str):
 
 def get_solver(name: str) -> SolverFn:
     """The registered solver ``name``; ValueError listing the registered names otherwise."""
-    try:
-        return SOLVERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown solver {name!r}; registered: {', '.join(sorted(SOLVERS))}") from None
+    return registry.lookup(SOLVERS, "solver", name)
 
 
 @register_solver("ransac")
