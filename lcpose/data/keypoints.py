@@ -163,7 +163,7 @@ def ensure_keypoints(ds_dir: str | os.PathLike, spec: str = DEFAULT_SPEC, *, mod
 
     Read from ``<ds_dir>/lcpose_keypoints-<spec>.npz``; computed from the PLY models (default:
     ``<bop_root>/models`` of the dataset's lcpose_meta.json) and written there (atomically)
-    when missing. Objects follow the order of the dataset's model table (sorted obj_ids).
+    when missing. Objects follow the order of the dataset's model table (`ModelTable.obj_ids`).
     """
     from lcpose.data import bop
     from lcpose.data.tfds_builder import read_meta
@@ -172,7 +172,8 @@ def ensure_keypoints(ds_dir: str | os.PathLike, spec: str = DEFAULT_SPEC, *, mod
     count, extra = parse_spec(spec)
     path = keypoints_path(ds_dir, spec)
     meta = read_meta(ds_dir)
-    obj_ids = np.array(sorted(int(o) for o in meta["params"]["obj_ids"]), dtype=np.int32)
+    # the order of the dataset's model table (lcpose_models.npz, written in this order)
+    obj_ids = np.array([int(o) for o in meta["params"]["obj_ids"]], dtype=np.int32)
     if os.path.isfile(path):
         z = np.load(path)
         if np.array_equal(z["obj_ids"], obj_ids):
