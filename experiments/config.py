@@ -209,10 +209,12 @@ VARIANTS: Dict[str, Mapping] = {
 }
 
 
-def get_config(name: str) -> ExperimentConfig:
-    if name not in CONFIGS:
-        raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
-    return CONFIGS[name]
+def get_config(name: str, configs: Optional[Mapping[str, ExperimentConfig]] = None) -> ExperimentConfig:
+    """``configs[name]`` (default: CONFIGS, the main job's); ValueError listing the names."""
+    configs = CONFIGS if configs is None else configs
+    if name not in configs:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(configs)}")
+    return configs[name]
 
 
 def pose_loss_start(cfg: ExperimentConfig, total_steps: int) -> int:
@@ -231,11 +233,14 @@ def pose_loss_nonzero(cfg: ExperimentConfig, total_steps: int) -> int:
     return int(min(round(cfg.pose_blend_fractions[0] * total_steps), pose_loss_start(cfg, total_steps)))
 
 
-def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int) -> ObjectiveConfig:
-    """The ObjectiveConfig of ``variant`` in experiment ``cfg`` (a run of ``total_steps``)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    spec = dict(VARIANTS[variant])
+def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int,
+                  variants: Optional[Mapping[str, Mapping]] = None) -> ObjectiveConfig:
+    """The ObjectiveConfig of ``variant`` in experiment ``cfg`` (a run of ``total_steps``);
+    ``variants`` defaults to VARIANTS (the main job's; experiments.lmo_sparse has its own)."""
+    variants = VARIANTS if variants is None else variants
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(variants)}")
+    spec = dict(variants[variant])
     return ObjectiveConfig(pose_weight=cfg.pose_weight,
                            pose_loss_start_step=pose_loss_start(cfg, total_steps),
                            pose_loss_nonzero_step=pose_loss_nonzero(cfg, total_steps),

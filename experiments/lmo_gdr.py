@@ -81,16 +81,18 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m e
     return p.parse_args(argv)
 
 
-def _config(args, config_prefix: str = ""):
+def _config(args, config_prefix: str = "", configs=None, variants=None):
     from experiments.config import CONFIGS, VARIANTS, get_config
     from experiments.overrides import apply_overrides
 
+    configs = CONFIGS if configs is None else configs
+    VARIANTS = VARIANTS if variants is None else variants
     name = config_prefix + args.config
-    if name not in CONFIGS:
-        choices = sorted(c[len(config_prefix):] for c in CONFIGS if c.startswith(config_prefix)
+    if name not in configs:
+        choices = sorted(c[len(config_prefix):] for c in configs if c.startswith(config_prefix)
                          and (config_prefix or "_" not in c))
         raise UsageError(f"--config: unknown {args.config!r}; choose one of {', '.join(choices)}")
-    cfg = get_config(name)
+    cfg = get_config(name, configs)
     tr = {}
     if args.steps is not None:
         tr["total_steps"] = int(args.steps)
@@ -203,17 +205,20 @@ def _resumable(cfg):
             + (("objects", "obj_ids") if cfg.per_object else ()))
 
 
-def run(argv: Optional[Sequence[str]] = None, *, config_prefix: str = "", method: str = "gdrnet",
-        **parse_kwargs) -> dict:
+def run(argv: Optional[Sequence[str]] = None, *, config_prefix: str = "", configs=None, variants=None,
+        method: str = "gdrnet", **parse_kwargs) -> dict:
     """Parse flags, train and evaluate every variant, write results.json; returns its content.
 
-    ``config_prefix`` selects a family of experiments.config.CONFIGS (``--config cpu`` runs
-    ``config_prefix + "cpu"``; experiments.lmo_zebra passes "zebra_"); ``method`` names the
-    BOP csv files; ``parse_kwargs`` go to :func:`parse_args` (prog, description, workdir).
+    The keywords let another entry point run its own model with this job:
+    ``config_prefix`` selects a family of ``configs`` (default experiments.config.CONFIGS;
+    ``--config cpu`` runs ``config_prefix + "cpu"``, experiments.lmo_zebra passes "zebra_");
+    ``configs`` / ``variants`` replace experiments.config's CONFIGS / VARIANTS (experiments.lmo_sparse);
+    ``method`` names the BOP csv files (``<method><variant>_<dataset>-test.csv``);
+    ``parse_kwargs`` go to :func:`parse_args` (prog, description, workdir).
     """
     args = parse_args(argv, **parse_kwargs)
     _check_args(args)
-    cfg = _pretrained(_config(args, config_prefix))
+    cfg = _pretrained(_config(args, config_prefix, configs, variants))
     from lcpose.train.workdir import WorkdirLock, check_start, write_identity
 
     workdir = os.path.abspath(args.workdir)
@@ -223,10 +228,10 @@ def run(argv: Optional[Sequence[str]] = None, *, config_prefix: str = "", method
                           ignore=_resumable(cfg), extra_files=("losses.png", "experiment_config.json",
                                                                "learning_curve.png"))
         write_identity(workdir, identity)
-        return _run(args, cfg, workdir, resumed=how == "resume", method=method)
+        return _run(args, cfg, workdir, resumed=how == "resume", method=method, variants=variants)
 
 
-def _run(args, cfg, workdir, resumed: bool, method: str = "gdrnet") -> dict:
+def _run(args, cfg, workdir, resumed: bool, method: str = "gdrnet", variants=None) -> dict:
     from lcpose.data.pipeline import resolve_dataset_dir
 
     t_start = time.perf_counter()
@@ -234,12 +239,12 @@ def _run(args, cfg, workdir, resumed: bool, method: str = "gdrnet") -> dict:
     tfds_dir = resolve_dataset_dir(tfds_dir)
     data_seconds = time.perf_counter() - t_start
     if not cfg.seeds or args.seed is not None:
-        return _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed, method)
+        return _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed, method, variants)
     # several seeds: one full run per seed in <workdir>/seed_<s>, then mean and spread
     per_seed = {}
     for seed in cfg.seeds:
         per_seed[int(seed)] = _run_seed(args, cfg.with_train(seed=int(seed)), os.path.join(workdir, f"seed_{seed}"),
-                                        tfds_dir, dataset, time.perf_counter(), 0.0, resumed, method)
+                                        tfds_dir, dataset, time.perf_counter(), 0.0, resumed, method, variants)
     results = {"dataset": dataset, "config": cfg.name, "seeds": [int(x) for x in cfg.seeds],
                "data_seconds": round(data_seconds, 1), "runs": {s_: os.path.join(workdir, f"seed_{s_}", "results.json")
                                                                for s_ in per_seed},
@@ -250,7 +255,7 @@ def _run(args, cfg, workdir, resumed: bool, method: str = "gdrnet") -> dict:
 
 
 def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resumed: bool,
-              method: str = "gdrnet") -> dict:
+              method: str = "gdrnet", variants=None) -> dict:
     """Train and evaluate every variant of ``cfg`` (one seed) into ``workdir``."""
     import jax
 
@@ -258,6 +263,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
     from experiments.overrides import config_to_json
     from lcpose import evaluate as E
     from lcpose.data.pipeline import make_loader
+    from lcpose.models.registry import test_keys
     from lcpose.train import eval_params
     from lcpose.train.loop import load_trained, train
 
@@ -285,7 +291,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
           file=sys.stderr)
     results_path = os.path.join(workdir, "results.json")
     objects = _objects(cfg, test_loader)
-    results = {"dataset": dataset, "tfds_dir": tfds_dir, "config": cfg.name,
+    results = {"dataset": dataset, "tfds_dir": tfds_dir, "workdir": workdir, "config": cfg.name,
                "train": cfg.train.to_json(), "boxes": cfg.boxes,
                "pnp": dataclasses.asdict(cfg.pnp), "devices": jax.local_device_count(),
                "platform": jax.devices()[0].platform, "data_seconds": round(data_seconds, 1),
@@ -302,7 +308,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
     curves = {}
     learning = {}
     for variant in cfg.variants:
-        objective = objective_for(cfg, variant, cfg.train.total_steps)
+        objective = objective_for(cfg, variant, cfg.train.total_steps, variants)
         vdir = os.path.join(workdir, variant)
         outs, histories, wstats = [], [], []
         curve_outs, curve_minutes = {}, {}
@@ -318,6 +324,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
             predict = jax.jit(E.make_predict_fn(res.model, cfg.pnp))
             loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
             outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
+                                   extra_keys=test_keys(res.model),
                                    desc=f"eval {name}"))
             if cfg.curve_points:
                 run_dir = os.path.join(vdir, sub) if sub else vdir
@@ -365,11 +372,13 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
             "eval_seconds": round(eval_seconds, 1),
             "time_per_instance_ms": round(1000 * float(np.mean(out["time"])), 2),
             "objective": dataclasses.asdict(objective) | {"loss_kwargs": dict(objective.loss_kwargs)},
-            "final_loss": float(np.mean([r["loss"] for r in last])) if last else None,
-            "final_xyz_loss": float(np.mean([r["loss/xyz"] for r in last])) if last else None,
+            "final_loss": _mean_stat(last, "loss"),
+            "final_xyz_loss": _mean_stat(last, "loss/xyz"),   # None for a head without xyz
             "grad_correct": round(100 * float(np.mean(gc)), 2) if gc else None,
-            "weight_on_mask": round(float(np.mean([w["weight_on_mask"] for w in wstats])), 2),
-            "weight_n_eff": round(float(np.mean([w["weight_n_eff"] for w in wstats])), 1),
+            # dense weight maps only (a head without a "w2d" map output has none: None)
+            "weight_on_mask": _mean_stat(wstats, "weight_on_mask", 2),
+            "weight_n_eff": _mean_stat(wstats, "weight_n_eff", 1),
+            "final_kpt_err_px": _mean_stat(last, "kpt/err_px"),   # the sparse head's DSNT error
             "bop_csv": csv,
             # steps / seconds above are of this invocation's runs; these objects' results come
             # from earlier ones (--resume --obj ...)
@@ -390,8 +399,9 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
                                           f"{cfg.train.total_steps} steps)"))
     for v, r in results["variants"].items():
         gc = f", gradient correctness {r['grad_correct']:.1f} %" if r["grad_correct"] is not None else ""
-        print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}; test weights: "
-              f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
+        ws = (f"; test weights: {r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} "
+              "effective pixels" if r["weight_on_mask"] is not None else "")
+        print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}{ws}")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
 
@@ -551,12 +561,24 @@ def _objects(cfg, test_loader):
 
 def _test_loader(tfds_dir, cfg, obj_ids, workers=None):
     from lcpose.data.pipeline import make_loader
+    from lcpose.models.registry import get_model, loader_kwargs
 
     workers = min(cfg.train.worker_count, 2) if workers is None else workers
+    # what the model's head needs from the loader (e.g. the sparse head's keypoints)
+    model = get_model(cfg.train.model, preset=cfg.train.preset, **dict(cfg.train.model_overrides))
     return make_loader(tfds_dir, cfg.test_split, cfg.eval_batch_size, train=False,
                        worker_count=workers, boxes=cfg.boxes,
                        obj_ids=obj_ids, input_size=cfg.train.input_size,
-                       output_size=cfg.train.output_size)
+                       output_size=cfg.train.output_size, **loader_kwargs(model))
+
+
+def _mean_stat(records, name, digits=None):
+    """Mean of ``name`` over the records that have it (rounded to ``digits``), None if none has."""
+    vals = [r[name] for r in records if name in r]
+    if not vals:
+        return None
+    m = float(np.mean(vals))
+    return m if digits is None else round(m, digits)
 
 
 def _image_width(tfds_dir) -> float:
@@ -611,8 +633,9 @@ def _user_errors() -> tuple:
             NotADirectoryError, FloatingPointError)
 
 
-def main(argv: Optional[Sequence[str]] = None, **run_kwargs):
-    """The command line: ``run`` with one-line errors (exit 2) for what a user can fix."""
+def main(argv: Optional[Sequence[str]] = None, *, entry=None, **run_kwargs):
+    """The command line: ``entry`` (default :func:`run`) with one-line errors (exit 2) for what
+    a user can fix, SIGTERM as an exit."""
     import signal
     import warnings
 
@@ -621,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None, **run_kwargs):
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM)), warnings.formatwarning
     warnings.formatwarning = lambda msg, cat, *a, **k: f"{cat.__name__}: {msg}\n"   # one line
     try:
-        run(argv, **run_kwargs)
+        (entry or run)(argv, **run_kwargs)
     except _user_errors() as err:
         if os.environ.get("LCPOSE_TRACEBACK"):
             raise

@@ -33,7 +33,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +116,10 @@ def make_predict_fn(model, pnp: PnPConfig = PnPConfig(), *, head=None):
     RANSAC. Returns R (B, 3, 3), t (B, 3) (mm) of the solver, ``converged`` (B,),
     R_ransac, t_ransac, and ``inliers`` (B,) RANSAC's inlier count.
 
+    ``extra`` (optional): a dict of further per-example arrays (B, ...) for the head's
+    ``decode_test``, the batch keys of its ``TEST_KEYS`` (``lcpose.models.registry.test_keys``;
+    e.g. the sparse head's model keypoints ``kpt3d``); GDR-Net needs none.
+
     ``head``: the model module whose ``decode_test`` turns the outputs into correspondences
     (default: the module of ``model``'s class, or GDR-Net's dense head for a stand-in object
     with an ``apply`` returning GDR-Net's outputs).
@@ -124,9 +128,10 @@ def make_predict_fn(model, pnp: PnPConfig = PnPConfig(), *, head=None):
     solver = get_solver(pnp.solver_name)
     solver_kw = pnp.solver_kwargs
 
-    def predict(variables, images, K_out, bbox3d, key):
+    def predict(variables, images, K_out, bbox3d, key, extra=None):
         out = model.apply(variables, images, train=False)
-        corr = jax.vmap(lambda o, e: mod.decode_test(o, e, pnp))(out, {"K_out": K_out, "bbox3d": bbox3d})
+        example = {**(extra or {}), "K_out": K_out, "bbox3d": bbox3d}
+        corr = jax.vmap(lambda o, e: mod.decode_test(o, e, pnp))(out, example)
         K_out = jnp.asarray(K_out, corr.x3d.dtype)
         B = corr.x3d.shape[0]
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
@@ -150,9 +155,11 @@ def weight_map_stats(model, variables, batch, path=None, *, count: int = 8) -> D
     most of the weight on a few pixels (each point's information grows with w^2 while the
     spatial softmax fixes sum w); at test time the weighted solve then rests on those few
     points. With ``path``, also saves a PNG of the first ``count`` crops: image, visible mask,
-    weights.
+    weights. Returns {} for a model without a ``w2d`` map output (e.g. the sparse head).
     """
     out = model.apply(variables, batch["image"], train=False)
+    if "w2d" not in out:   # a head without dense weight maps (e.g. the sparse keypoint head)
+        return {}
     w = np.asarray(out["w2d"]).sum(-1)                       # (B, h, w)
     m = np.asarray(batch["mask_visib"]) > 0
     keep = np.asarray(batch.get("valid_example", np.ones(len(w)))) > 0
@@ -186,8 +193,11 @@ def weight_map_stats(model, variables, batch, path=None, *, count: int = 8) -> D
 
 
 def evaluate(predict, variables, loader, *, key=0, progress: bool = True,
-             desc: str = "eval") -> Dict[str, np.ndarray]:
+             desc: str = "eval", extra_keys: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     """Run a (jitted) ``predict`` over an evaluation loader; per-instance numpy arrays.
+
+    ``extra_keys``: batch keys handed to ``predict`` as its ``extra`` dict (the head's
+    ``TEST_KEYS``, ``lcpose.models.registry.test_keys``; none for GDR-Net).
 
     Returns a dict with the estimates (``R``, ``t``, ``converged``, ``R_ransac``,
     ``t_ransac``, ``inliers``), the ground truth (``R_gt``, ``t_gt``), the instance ids
@@ -205,6 +215,8 @@ def evaluate(predict, variables, loader, *, key=0, progress: bool = True,
     for i, batch in enumerate(loader):
         args = (variables, batch["image"], batch["K_out"], batch["bbox3d"],
                 jax.random.fold_in(key, i))
+        if extra_keys:
+            args += ({k: batch[k] for k in extra_keys},)
         if not compiled:                      # compile outside the timing
             jax.block_until_ready(predict(*args))
             compiled = True

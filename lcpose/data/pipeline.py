@@ -34,6 +34,12 @@ has_box         (B,) int32         0 for test instances that no detection matche
 visib_fract     (B,) f32           visible fraction (scene_gt_info)
 scene_id, im_id, gt_idx (B,) int32 BOP ids of the instance
 valid_example   (B,) f32           0 for the padding of the last test batch
+kpt3d           (B,Kp,3) f32       with ``keypoints=spec``: the object's Kp model keypoints (mm,
+                                   `lcpose.data.keypoints`, e.g. 16 by farthest point sampling)
+kpt2d           (B,Kp,2) f32       their ground-truth projections in output-grid pixels
+                                   (``project(kpt3d, R, t, K_out)``, pixel-centre convention)
+kpt_in_crop     (B,Kp) f32         1 where that projection lies in front of the camera and
+                                   inside the output grid (u, v in [-0.5, S_out - 0.5])
 =============== ================== =========================================================
 
 Training (``train=True``): instances with visible fraction >= 0.3, dynamic zoom-in of the GT
@@ -80,13 +86,15 @@ import numpy as np
 from lcpose.data.augment import BackgroundSource, color_augment, inplane_rotation, replace_background
 from lcpose.data.crops import DZIConfig, compose, crop_affine_np, crop_intrinsics_np, invert, sample_roi
 
-__all__ = ["make_loader", "Loader", "ModelTable", "load_model_table", "resolve_dataset_dir", "OUTPUT_KEYS", "DZIConfig"]
+__all__ = ["make_loader", "Loader", "ModelTable", "load_model_table", "resolve_dataset_dir", "OUTPUT_KEYS",
+           "KEYPOINT_KEYS", "DZIConfig"]
 
 OUTPUT_KEYS = (
     "image", "xyz", "mask_visib", "mask_full", "K_out", "K_in", "K", "R", "t", "obj_id", "obj_index",
     "bbox3d", "diameter", "roi_center", "roi_scale", "bbox", "score", "has_box", "visib_fract",
     "scene_id", "im_id", "gt_idx", "valid_example",
 )
+KEYPOINT_KEYS = ("kpt3d", "kpt2d", "kpt_in_crop")   # added with make_loader(keypoints=spec)
 
 
 def resolve_dataset_dir(tfds_dir: str | os.PathLike) -> str:
@@ -181,6 +189,15 @@ class _CropConfig:
     diameter: np.ndarray
     rotate_prob: float = 0.0
     rotate_max_deg: float = 180.0
+    keypoints: np.ndarray | None = None  # (n, Kp, 3) per obj_index, or None (no keypoint keys)
+
+
+def _keypoint_targets(kpt3d: np.ndarray, example: dict, size: int) -> dict:
+    """The keypoint keys of one cropped example, from its final pose and output intrinsics."""
+    from lcpose.data.keypoints import project_keypoints
+
+    kpt2d, in_crop = project_keypoints(kpt3d, example["R"], example["t"], example["K_out"], size)
+    return {"kpt3d": np.asarray(kpt3d, np.float32), "kpt2d": kpt2d, "kpt_in_crop": in_crop}
 
 
 def _crop(ex: dict, cfg: _CropConfig, rng: np.random.Generator | None, backgrounds: BackgroundSource | None) -> dict:
@@ -235,7 +252,7 @@ def _crop(ex: dict, cfg: _CropConfig, rng: np.random.Generator | None, backgroun
         K = np.linalg.solve(np.vstack([crop_affine_np(center, scale, S_out), [0.0, 0.0, 1.0]]), K_out)
         R, t = Rz @ R, Rz @ t
     k = cfg.obj_index[int(ex["obj_id"])]
-    return {
+    out = {
         "image": image.astype(np.float32) * np.float32(1.0 / 255.0),
         "xyz": xyz,
         "mask_visib": mask_visib.astype(np.float32),
@@ -260,6 +277,9 @@ def _crop(ex: dict, cfg: _CropConfig, rng: np.random.Generator | None, backgroun
         "gt_idx": np.int32(ex["gt_idx"]),
         "valid_example": np.float32(1.0),
     }
+    if cfg.keypoints is not None:
+        out.update(_keypoint_targets(cfg.keypoints[k], out, S_out))
+    return out
 
 
 class _TrainCrop(grain.RandomMapTransform):
@@ -368,6 +388,7 @@ def make_loader(
     input_size: int = 256,
     output_size: int = 64,
     read_threads: int = 4,
+    keypoints: str | None = None,
 ) -> Loader:
     """A grain loader of crops of one split of an lcpose TFDS dataset.
 
@@ -392,6 +413,8 @@ def make_loader(
         1 and 180, i.e. any angle); R, t, K, K_in, K_out of a rotated crop are those of the
         camera rotated about its optical axis (module docstring).
       input_size, output_size: crop sizes (256 and 64 in the paper).
+      keypoints: a keypoint spec (`lcpose.data.keypoints`, e.g. "fps16"): adds ``kpt3d``,
+        ``kpt2d``, ``kpt_in_crop`` (KEYPOINT_KEYS) to every example; None: no keypoint keys.
     """
     import tensorflow_datasets as tfds
 
@@ -440,6 +463,13 @@ def make_loader(
     if len(indices) < count:
         raise ValueError(f"{len(indices)} examples cannot be split into {count} shards")
 
+    kpts = None
+    if keypoints is not None:
+        from lcpose.data.keypoints import ensure_keypoints
+
+        kp_ids, kpts = ensure_keypoints(d, keypoints)
+        if not np.array_equal(kp_ids, models.obj_ids):
+            raise ValueError(f"keypoints of {d} cover objects {kp_ids.tolist()}, the model table {models.obj_ids.tolist()}")
     source = tfds.builder_from_directory(d).as_data_source(split=split)
     data = _Subset(source, indices)
     cfg = _CropConfig(
@@ -447,6 +477,7 @@ def make_loader(
         color_prob=float(color_aug_prob), bg_prob=float(bg_switch_prob),
         rotate_prob=float(rotate_prob), rotate_max_deg=float(rotate_max_deg),
         obj_index={int(o): i for i, o in enumerate(models.obj_ids)}, bbox3d=models.bbox3d, diameter=models.diameter,
+        keypoints=kpts,
     )
     shard_options = grain.ShardOptions(shard_index=index, shard_count=count, drop_remainder=bool(train))
     if num_epochs is None and not train:

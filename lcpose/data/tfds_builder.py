@@ -24,7 +24,8 @@ K, R, t, ids, boxes, visible fraction, and the matched detection (test splits).
 
 Next to the TFDS files the converter writes ``lcpose_meta.json`` (dataset, object ids,
 models_info, storage parameters, per-split statistics), ``lcpose_models.npz`` (per object:
-1000 model points, diameter) and ``lcpose_index-<split>.npz`` (per example: obj_id,
+1000 model points, diameter), ``lcpose_keypoints-fps16.npz`` (the sparse network's 16
+keypoints per object, `lcpose.data.keypoints`) and ``lcpose_index-<split>.npz`` (per example: obj_id,
 scene_id, im_id, gt_idx, visib_fract, has_det), which the loader uses to filter examples
 without decoding them.
 
@@ -589,4 +590,9 @@ def build_tfds(
         with open(tmp, "w") as fh:
             json.dump(meta, fh, indent=1)
         os.replace(tmp, meta_path)
+    # The sparse network's default keypoints (16 by FPS on each model's surface), computed from
+    # the same PLY files; other specs are computed on first use (make_loader(keypoints=...)).
+    from lcpose.data.keypoints import DEFAULT_SPEC, ensure_keypoints
+
+    ensure_keypoints(ds_dir, DEFAULT_SPEC, models_dir=os.path.join(bop_root, "models"))
     return ds_dir

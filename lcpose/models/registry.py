@@ -19,6 +19,9 @@ the batch axis, ``example`` one element of a batch of :mod:`lcpose.data.pipeline
     pose_warmup_loss(outputs, example, cfg) -> scalar   # what the pose loss is blended in from
                                                         # (and the baseline's "pose" term)
     EXAMPLE_KEYS: tuple of str                          # batch keys the head reads in training
+    TEST_KEYS: tuple of str                             # batch keys decode_test reads besides
+                                                        # K_out, bbox3d (e.g. the sparse head's kpt3d)
+    loader_kwargs(model) -> dict                        # extra make_loader arguments (e.g. keypoints)
     map_size(model, input_size) -> int                  # side of the output maps
 
 The objective is then ``surrogate_loss + pose_weight * (f * pose loss on decode_train's
@@ -32,7 +35,8 @@ import sys
 from types import ModuleType
 from typing import Any, Tuple, Union
 
-__all__ = ["get_model", "model_module", "example_keys", "map_size", "BASE_EXAMPLE_KEYS"]
+__all__ = ["get_model", "model_module", "example_keys", "test_keys", "loader_kwargs", "map_size",
+           "BASE_EXAMPLE_KEYS"]
 
 # What the pose losses and the train step read of every example (whatever the head).
 BASE_EXAMPLE_KEYS: Tuple[str, ...] = ("image", "K_out", "R", "t", "bbox3d")
@@ -80,6 +84,19 @@ def example_keys(model: Union[str, Any]) -> Tuple[str, ...]:
     ``EXAMPLE_KEYS`` (order kept, no duplicates)."""
     extra = tuple(getattr(model_module(model), "EXAMPLE_KEYS", ()))
     return tuple(dict.fromkeys(BASE_EXAMPLE_KEYS + extra))
+
+
+def test_keys(model: Union[str, Any]) -> Tuple[str, ...]:
+    """The batch keys the head's ``decode_test`` reads besides ``K_out`` and ``bbox3d`` (its
+    ``TEST_KEYS``; none for GDR-Net)."""
+    return tuple(getattr(model_module(model), "TEST_KEYS", ()))
+
+
+def loader_kwargs(model) -> dict:
+    """Extra keyword arguments of :func:`lcpose.data.pipeline.make_loader` for this model (its
+    module's ``loader_kwargs(model)``; none for GDR-Net), e.g. the sparse head's keypoints."""
+    fn = getattr(model_module(model), "loader_kwargs", None)
+    return dict(fn(model)) if callable(fn) else {}
 
 
 def map_size(model, input_size: int) -> int:

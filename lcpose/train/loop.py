@@ -270,7 +270,7 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     """
     from lcpose.data.pipeline import make_loader
     from lcpose.models import init_variables, load_encoder_weights, merge_encoder_weights
-    from lcpose.models.registry import example_keys
+    from lcpose.models.registry import example_keys, loader_kwargs
 
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -291,7 +291,8 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
                          worker_count=cfg.worker_count, obj_ids=cfg.obj_ids,
                          input_size=cfg.input_size, output_size=cfg.output_size,
                          color_aug_prob=cfg.color_aug_prob, bg_switch_prob=cfg.bg_switch_prob,
-                         rotate_prob=cfg.rotate_prob, rotate_max_deg=cfg.rotate_max_deg)
+                         rotate_prob=cfg.rotate_prob, rotate_max_deg=cfg.rotate_max_deg,
+                         **loader_kwargs(model))
     tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
 
     run_meta = _meta(cfg, objective, tfds_dir, meta)
