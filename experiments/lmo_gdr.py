@@ -41,6 +41,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="BOP dataset name of --bop_root (default: its folder name)")
     p.add_argument("--lm_root", default=None, help="LM's BOP folder (LM-O train_real: LM's real images)")
     p.add_argument("--detections", default=None, help="detection json for the test split")
+    p.add_argument("--test_list", default=None,
+                   help="test images to keep (e.g. YCB-V's keyframe.txt; replaces the BOP-19 test targets)")
+    p.add_argument("--sym_aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetry-aware ground truth in training (default: the config's; ycbv: yes)")
+    p.add_argument("--sym_start", type=int, default=None,
+                   help="step from which the symmetry-aware ground truth is used (default: the config's, 0)")
     p.add_argument("--tfds_dir", default=None,
                    help="converted TFDS data dir (default: $LCPOSE_CACHE/tfds for --bop_root)")
     p.add_argument("--train_split", default=None, help="training split (default: the config's, train_pbr)")
@@ -89,6 +95,10 @@ def _config(args):
     cfg = cfg.with_train(**tr)
     if args.boxes:
         cfg = cfg.replace(boxes=args.boxes)
+    if args.sym_aware is not None:
+        cfg = cfg.replace(symmetry_aware=bool(args.sym_aware))
+    if args.sym_start is not None:
+        cfg = cfg.replace(symmetry_start_step=int(args.sym_start))
     if args.variants:
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         unknown = [v for v in variants if v not in VARIANTS]
@@ -109,9 +119,10 @@ def _dataset(args, cfg):
 
     dataset = args.dataset or os.path.basename(os.path.normpath(args.bop_root))
     out = args.tfds_dir or os.path.join(default_cache_dir(), "tfds")
-    splits = sorted({cfg.train.train_split, cfg.test_split})
+    splits = sorted(set(cfg.train.train_split.split("+")) | {cfg.test_split})
     return build_tfds(args.bop_root, dataset, splits, out, lm_root=args.lm_root,
-                      detections=args.detections, progress=not args.no_progress), dataset
+                      detections=args.detections, test_list=args.test_list,
+                      progress=not args.no_progress), dataset
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -160,10 +171,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             else [("", cfg.objects if cfg.objects is not None else cfg.train.obj_ids)])
     summaries = {}
     curves = {}
+    sym_table = _symmetry_table(test_loader.models)
     for variant in cfg.variants:
         objective = objective_for(cfg, variant, cfg.train.total_steps)
         vdir = os.path.join(workdir, variant)
-        outs, histories, wstats = [], [], []
+        outs, histories, wstats, coords = [], [], [], []
         steps = train_seconds = compile_seconds = eval_seconds = 0.0
         for sub, obj_ids in runs:
             name = f"{variant} obj {obj_ids[0]}" if sub else variant
@@ -177,6 +189,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             loader = test_loader if not sub else _test_loader(tfds_dir, cfg, obj_ids)
             outs.append(E.evaluate(predict, variables, loader, key=cfg.train.seed, progress=progress,
                                    desc=f"eval {name}"))
+            coords.append(E.coordinate_errors(res.model, variables, loader, sym_table))
             # where the weights went (weights.png next to the run's curves)
             first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
             wstats.append(E.weight_map_stats(res.model, variables, first,
@@ -188,9 +201,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             histories.append(res.history)
             curves[name] = res.history
         out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        errors = E.compute_errors(out, test_loader.models, image_width=image_width)
-        errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
+        sym = cfg.symmetric_obj_ids
+        errors = E.compute_errors(out, test_loader.models, image_width=image_width, symmetric_obj_ids=sym)
+        errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac",
+                                    symmetric_obj_ids=sym)
         summary = E.summarize(out, errors, errors_r)
+        summary.update(_coordinate_summary(np.concatenate([c["obj_id"] for c in coords]),
+                                           {k: np.concatenate([c[k] for c in coords])
+                                            for k in ("xyz_err_mm", "xyz_err_sym_mm")}))
         csv = E.write_bop_csv(os.path.join(vdir, f"gdrnet{variant.replace('_', '')}_{dataset}-test.csv"), out)
         gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
         last = [h[-1] for h in histories if h]
@@ -212,6 +230,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         }
         _write_json(results_path, results)
         print(E.format_table({variant: summary}, title=f"{variant}: ADD(-S) 0.1d [%]"), file=sys.stderr)
+        if cfg.auc_table:
+            print(E.format_table({variant: summary}, metrics=E.YCBV_METRICS,
+                                 title=f"{variant}: ADD(-S) 0.1d and AUC to 10 cm [%]"), file=sys.stderr)
 
     if curves:
         _plot_losses(curves, os.path.join(workdir, "losses.png"))
@@ -219,12 +240,39 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     _write_json(results_path, results)
     print(E.format_table(summaries, title=f"ADD(-S) 0.1d [%] on {dataset} ({cfg.name} config, "
                                           f"{cfg.train.total_steps} steps)"))
+    if cfg.auc_table:
+        print(E.format_table(summaries, metrics=E.YCBV_METRICS,
+                             title=f"YCB-V metrics [%] on {dataset} (AUC to 10 cm; p11: 11-point form)"))
+    print(E.format_table(summaries, metrics=COORD_METRICS,
+                         title="mean xyz error on the visible pixels [mm] (sym: in the symmetric frame)"))
     for v, r in results["variants"].items():
         gc = f", gradient correctness {r['grad_correct']:.1f} %" if r["grad_correct"] is not None else ""
         print(f"{v}: trained {r['steps']} steps in {r['train_seconds']:.0f} s{gc}; test weights: "
               f"{r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} effective pixels")
     print(f"results: {results_path} (total {results['total_seconds']:.0f} s)")
     return results
+
+
+COORD_METRICS = (("xyz_err_mm", "xyz err"), ("xyz_err_sym_mm", "xyz err sym"))
+
+
+def _symmetry_table(models):
+    """Every declared symmetry of the dataset's objects (the symmetric frame of the xyz error)."""
+    from lcpose.symmetry import symmetry_table
+
+    return symmetry_table(models.models_info, models.obj_ids)
+
+
+def _coordinate_summary(obj_id, errs):
+    """{"xyz_err_mm": {obj: mean, "mean": ...}, "xyz_err_sym_mm": ...} (mm, NaN crops left out)."""
+    ids = [int(o) for o in np.unique(obj_id)]
+    out = {}
+    for key, e in errs.items():
+        d = {str(o): round(float(np.nanmean(e[obj_id == o])), 2) if np.any(np.isfinite(e[obj_id == o]))
+             else float("nan") for o in ids}
+        d["mean"] = round(float(np.nanmean([d[str(o)] for o in ids])), 2)
+        out[key] = d
+    return out
 
 
 def _objects(cfg, test_loader):

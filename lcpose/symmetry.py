@@ -54,6 +54,7 @@ __all__ = [
     "candidate_coordinates",
     "select_symmetric_gt",
     "symmetry_aware_example",
+    "symmetry_aware_batch",
     "symmetric_xyz_error",
 ]
 
@@ -226,6 +227,30 @@ def symmetry_aware_example(key, example: Mapping, xyz_pred_mm, step, cfg: Symmet
     out = dict(example)
     out.update(xyz=sel.xyz, R=sel.R, t=sel.t)
     return out, sel
+
+
+def symmetry_aware_batch(key, batch: Mapping, xyz_pred_mm, step, cfg: SymmetryConfig):
+    """:func:`symmetry_aware_example` over a batch (vmapped): (batch', metrics).
+
+    ``batch`` holds (B, ...) arrays with the keys of ``symmetry_aware_example``; "xyz", "R" and
+    "t" are replaced, the other keys are passed through. Metrics: ``sym/switched`` (share of
+    the examples whose selected pose is not the annotated one) and ``sym/error_mm`` (mean
+    error of the selected candidate at the sampled pixels, over the examples with a visible
+    pixel).
+    """
+    B = xyz_pred_mm.shape[0]
+    names = ("xyz", "mask_visib", "R", "t") + SYMMETRY_KEYS
+    ex = {k: jnp.asarray(batch[k]) for k in names}
+    out, sel = jax.vmap(lambda k, e, p: symmetry_aware_example(k, e, p, step, cfg))(
+        jax.random.split(key, B), ex, xyz_pred_mm)
+    new = dict(batch)
+    new.update(xyz=out["xyz"], R=out["R"], t=out["t"])
+    chosen = jnp.take_along_axis(sel.errors, sel.index[:, None], axis=1)[:, 0]
+    seen = (sel.points > 0) & jnp.isfinite(chosen)
+    dtype = out["xyz"].dtype
+    metrics = {"sym/switched": jnp.mean((sel.index != 0).astype(dtype)),
+               "sym/error_mm": jnp.sum(jnp.where(seen, chosen, 0.0)) / jnp.maximum(jnp.sum(seen), 1).astype(dtype)}
+    return new, metrics
 
 
 def symmetric_xyz_error(xyz_pred, xyz_gt, mask, sym_R, sym_t, sym_valid=None):

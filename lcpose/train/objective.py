@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,7 @@ import optax
 from lcpose.correspondences import dense_grid_correspondences
 from lcpose.metrics import gradient_correct_mask
 from lcpose.models import spatial_softmax_weights
+from lcpose.symmetry import SymmetryConfig, symmetry_aware_batch
 
 __all__ = [
     "ObjectiveConfig",
@@ -114,6 +115,10 @@ class ObjectiveConfig:
       "quantile_in_mask" selection). Used by the CPU configuration, where the LC loss otherwise
       puts part of the weight on background pixels that do not carry over to test crops
       (BUILD.md, "The main job").
+    symmetry: symmetry-aware ground truth (:class:`lcpose.symmetry.SymmetryConfig`; None: off,
+      the LC paper uses it for YCB-V only): before every loss the annotated pose and xyz
+      target of a symmetric object are replaced by the equivalent nearest to the prediction.
+      The batch then needs the keys ``lcpose.symmetry.SYMMETRY_KEYS`` (the train loop adds them).
     """
 
     pose_loss: str = "lc"
@@ -127,6 +132,7 @@ class ObjectiveConfig:
     grad_metric_every: int = 0
     xyz_norm: str = "all"
     pose_points: str = "all"
+    symmetry: Optional[SymmetryConfig] = None
 
     def __post_init__(self):
         if self.pose_loss not in POSE_LOSSES:
@@ -147,6 +153,10 @@ class ObjectiveConfig:
         if self.xyz_norm not in ("all", "mask"):
             raise ValueError(f"xyz_norm must be 'all' or 'mask', got {self.xyz_norm!r}")
         check_pose_points(self.pose_points)
+        if isinstance(self.symmetry, Mapping):        # from a saved configuration (JSON)
+            object.__setattr__(self, "symmetry", SymmetryConfig(**self.symmetry))
+        if self.symmetry is not None and not isinstance(self.symmetry, SymmetryConfig):
+            raise ValueError(f"symmetry must be a SymmetryConfig or None, got {self.symmetry!r}")
         object.__setattr__(self, "loss_kwargs", _items(self.loss_kwargs))
         if self.pose_loss == "none" and self.loss_kwargs:
             raise ValueError("loss_kwargs given but pose_loss='none'")
@@ -253,6 +263,14 @@ def make_objective(cfg: ObjectiveConfig):
     def loss_fn(outputs, batch, rng, step):
         xyz = outputs["xyz"]
         dtype = xyz.dtype
+        sym_metrics = {}
+        if cfg.symmetry is not None:
+            # Symmetry-aware ground truth: re-map "xyz", "R", "t" before every loss (its own
+            # key, so the other random draws are those of a run without it).
+            ext, cen = box_extent_center(jnp.asarray(batch["bbox3d"], dtype))
+            batch, sym_metrics = symmetry_aware_batch(
+                jax.random.fold_in(rng, 0x5E7), batch, cen[:, None, None] + ext[:, None, None] * xyz,
+                step, cfg.symmetry)
         mask = jnp.asarray(batch["mask_visib"], dtype)                       # (B, h, w)
         bbox3d = jnp.asarray(batch["bbox3d"], dtype)
         extent, center = box_extent_center(bbox3d)                           # (B, 3)
@@ -268,7 +286,7 @@ def make_objective(cfg: ObjectiveConfig):
         l_wbce = jnp.mean(optax.sigmoid_binary_cross_entropy(wl, jnp.broadcast_to(m, wl.shape)))
 
         metrics = {"loss/xyz": l_xyz, "loss/mask": l_mask, "loss/weight_bce": l_wbce,
-                   "log_scale": jnp.mean(outputs["log_scale"])}
+                   "log_scale": jnp.mean(outputs["log_scale"]), **sym_metrics}
         loss = cfg.xyz_weight * l_xyz + cfg.mask_weight * l_mask
         if pose_fn is None:
             metrics["pose_blend"] = jnp.zeros((), dtype)
