@@ -364,7 +364,7 @@ def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stri
                                                  scene_ids=scene_ids, im_ids=im_ids):
         if dataset == "lmo" and split == "train_real":
             insts = [i for i in insts if i.obj_id == scene.scene_id]  # only the scene's object is annotated
-        if image_stride > 1 and im_id % image_stride:
+        if image_stride > 1 and im_id % image_stride and test_list is None:   # a list is kept whole
             continue
         matched = bop.match_detections(insts, dets.get((scene.scene_id, im_id), [])) if dets else [None] * len(insts)
         lst = []
@@ -590,7 +590,7 @@ def build_tfds(
         mvf = min_visib_fract if min_visib_fract is not None else (0.0 if split == spec["test_split"] else 0.1)
         tasks, n_skipped = _tasks(bop_root, dataset, split, lm_root=None if lm_root is None else os.fspath(lm_root),
                                   detections=detections, obj_ids=obj_ids, image_stride=image_stride, min_visib_fract=mvf,
-                                  test_list=test_list)
+                                  test_list=test_list if split == spec["test_split"] else None)
         if not tasks:
             raise ValueError(f"split {split!r} of {bop_root} has no instances of objects {obj_ids} to convert")
         shard_lengths, num_bytes = _write_split(ds_dir, name, split, tasks, workers, progress, init_args)
