@@ -21,14 +21,8 @@ import numpy as np
 
 from bench.common import LMO_K, emit, log, pnp_scenes, time_calls
 from lcpose import geometry
-from lcpose.losses.bpnp import bpnp_loss
-from lcpose.losses.epropnp import epropnp_loss
-
-try:  # the LC loss is written alongside; report it as missing until it lands
-    from lcpose.losses.lc import lc_loss
-except ImportError as e:  # pragma: no cover - depends on the tree
-    lc_loss = None
-    _LC_IMPORT_ERROR = repr(e)
+from lcpose.correspondences import Correspondences
+from lcpose.losses.registry import PoseLossInputs, get_pose_loss
 
 
 def crop_problem(rng, batch, n, *, noise_px=1.5, out_size=64):
@@ -70,7 +64,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per loss (default: 50 LC, 15 BPnP, 7 EPro-PnP: about 1 s each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--losses", default="lc,bpnp,epropnp", help="comma-separated subset")
+    p.add_argument("--losses", default="lc,bpnp,epropnp",
+                   help="comma-separated names of lcpose.losses.registry")
     args = p.parse_args(argv)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
@@ -90,27 +85,24 @@ def main(argv=None):
         return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1, 2)))
 
     def reps(name):
-        return args.repeats if args.repeats is not None else {"lc": 50, "bpnp": 15, "epropnp": 7}[name]
+        return args.repeats if args.repeats is not None else {"lc": 50, "bpnp": 15, "epropnp": 7}.get(name, 15)
 
+    valid = jnp.ones((B, N), bool)
     results = {}
-    if "lc" in which:
-        if lc_loss is None:
-            results["lc"] = {"missing": _LC_IMPORT_ERROR}
-        else:
-            f = jax.vmap(lambda a, b, c, k, r, tt, bb: lc_loss(a, b, c, k, r, tt, bb).loss)
-            results["lc"] = _timed("lc", timed_loss(lambda a, b, c: f(a, b, c, K, R, t, bbox)), diff, reps("lc"))
-    if "bpnp" in which:
-        f = jax.vmap(lambda a, b, c, k, r, tt, bb: bpnp_loss(a, b, c, k, r, tt, bb).loss)
-        results["bpnp"] = _timed("bpnp", timed_loss(lambda a, b, c: f(a, b, c, K, R, t, bbox)), diff, reps("bpnp"))
-    if "epropnp" in which:
-        n_pts = min(args.epro_points, N)
-        f = jax.vmap(
-            lambda key, a, b, c, k, r, tt: epropnp_loss(key, a, b, c, k, r, tt, num_points=n_pts).loss
-        )
-        results["epropnp"] = _timed(
-            "epropnp", timed_loss(lambda a, b, c: f(keys, a, b, c, K, R, t)), diff, reps("epropnp")
-        )
-        results["epropnp"].update({"points": n_pts, "samples": 512})
+    for name in which:
+        loss = get_pose_loss(name)     # any registered loss (ValueError naming them otherwise)
+        kw = {"num_points": min(args.epro_points, N)} if name == "epropnp" else {}
+
+        def one(key, a, b, c, v, k, r, tt, bb, loss=loss, kw=kw):
+            inputs = PoseLossInputs(corr=Correspondences(x2d=a, x3d=b, w2d=c, valid=v), K=k, R=r, t=tt,
+                                    bbox3d=bb, key=key)
+            return loss.fn(inputs, **kw)[0]
+
+        f = jax.vmap(one)
+        step = timed_loss(lambda a, b, c, f=f: f(keys, a, b, c, valid, K, R, t, bbox))
+        results[name] = _timed(name, step, diff, reps(name))
+        if name == "epropnp":
+            results[name].update({"points": kw["num_points"], "samples": 512})
 
     dev = jax.devices()[0]
     out = {

@@ -195,22 +195,19 @@ def perturb_correspondences(scenes: BoxScenes, seed: int, *, noise_mm: float = 5
 def pose_loss_fn(name: str, **kwargs) -> Callable:
     """Per-instance pose loss f(key, x2d, x3d, w2d, K, R_gt, t_gt, bbox3d) -> scalar.
 
-    name: "lc" (lcpose.losses.lc.lc_loss), "bpnp" (lcpose.losses.bpnp.bpnp_loss) or "epropnp"
-    (lcpose.losses.epropnp.epropnp_loss); kwargs go to the loss. The key is used by EPro-PnP only.
+    name: a loss of :mod:`lcpose.losses.registry` ("lc", "bpnp", "epropnp", ...), every point
+    valid; kwargs go to the loss. The key is used by the Monte Carlo losses (EPro-PnP) only.
     """
-    if name == "lc":
-        from lcpose.losses.lc import lc_loss
+    from lcpose.correspondences import Correspondences
+    from lcpose.losses.registry import PoseLossInputs, get_pose_loss
 
-        return lambda key, x2d, x3d, w2d, K, R, t, bbox: lc_loss(x2d, x3d, w2d, K, R, t, bbox, **kwargs).loss
-    if name == "bpnp":
-        from lcpose.losses.bpnp import bpnp_loss
+    loss = get_pose_loss(name)
 
-        return lambda key, x2d, x3d, w2d, K, R, t, bbox: bpnp_loss(x2d, x3d, w2d, K, R, t, bbox, **kwargs).loss
-    if name == "epropnp":
-        from lcpose.losses.epropnp import epropnp_loss
+    def f(key, x2d, x3d, w2d, K, R, t, bbox3d):
+        corr = Correspondences(x2d=x2d, x3d=x3d, w2d=w2d, valid=jnp.ones(jnp.shape(x2d)[:1], bool))
+        return loss.fn(PoseLossInputs(corr=corr, K=K, R=R, t=t, bbox3d=bbox3d, key=key), **kwargs)[0]
 
-        return lambda key, x2d, x3d, w2d, K, R, t, bbox: epropnp_loss(key, x2d, x3d, w2d, K, R, t, **kwargs).loss
-    raise ValueError(f"name must be 'lc', 'bpnp' or 'epropnp', got {name!r}")
+    return f
 
 
 @jax.jit

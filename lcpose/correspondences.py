@@ -11,13 +11,33 @@ Training: `dense_grid_correspondences` takes every `stride`-th pixel in each dir
 a random offset in {0, .., stride-1} per axis (LC paper: stride 2 on the 64x64 map, 1024
 points, all valid). Test: `top_weight_correspondences` keeps the ceil(fraction * H * W)
 pixels with the largest weights (GDR-Net/EPro-PnP style quantile selection, fraction 0.3).
+
+`Correspondences` is the one structure every network head hands to the pose losses
+(`lcpose.losses.registry`) and the test-time solvers (`lcpose.pnp.registry`): a head's
+`decode_train` / `decode_test` (`lcpose.models.registry`) return it. `sample_grid` and
+`select_top_weights` are the two samplers above returning it.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class Correspondences(NamedTuple):
+    """2D-3D correspondences of ONE instance (vmap adds a leading axis), fixed N.
+
+    x2d (N, 2): image points in output-grid pixels (pair with K_out), pixel-centre convention;
+    x3d (N, 3): object points in mm (model frame); w2d (N, 2): positive weights = inverse
+    standard deviations (0 where invalid); valid (N,) bool.
+    """
+
+    x2d: jax.Array
+    x3d: jax.Array
+    w2d: jax.Array
+    valid: jax.Array
 
 
 def _check_maps(xyz_map, w2d_map):
@@ -110,4 +130,18 @@ def top_weight_correspondences(xyz_map, w2d_map, mask=None, fraction: float = 0.
     return x3d, uv[idx], w2d, valid
 
 
-__all__ = ["dense_grid_correspondences", "top_weight_correspondences", "pixel_grid", "num_top_points"]
+def sample_grid(key, xyz_map, w2d_map, stride: int = 2) -> Correspondences:
+    """`dense_grid_correspondences` as a `Correspondences` (every point valid)."""
+    x3d, x2d, w2d = dense_grid_correspondences(key, xyz_map, w2d_map, stride)
+    return Correspondences(x2d=x2d, x3d=x3d, w2d=w2d, valid=jnp.ones(x2d.shape[:1], bool))
+
+
+def select_top_weights(xyz_map, w2d_map, mask=None, fraction: float = 0.3,
+                       score: str = "mean") -> Correspondences:
+    """`top_weight_correspondences` as a `Correspondences`."""
+    x3d, x2d, w2d, valid = top_weight_correspondences(xyz_map, w2d_map, mask, fraction, score)
+    return Correspondences(x2d=x2d, x3d=x3d, w2d=w2d, valid=valid)
+
+
+__all__ = ["Correspondences", "dense_grid_correspondences", "top_weight_correspondences",
+           "pixel_grid", "num_top_points", "sample_grid", "select_top_weights"]

@@ -3,11 +3,13 @@
 Per test instance (a crop from a detection or the ground-truth box, :mod:`lcpose.data.pipeline`
 with ``train=False``):
 
-1. the network predicts xyz (normalised, converted to mm with the model's box) and weights;
-2. the ceil(0.3 h w) pixels with the largest mean weight are kept
+1. the network's head decodes its outputs into test correspondences (``decode_test`` of the
+   model's module, :mod:`lcpose.models.registry`); for GDR-Net: xyz (normalised, converted to
+   mm with the model's box) and weights, the ceil(0.3 h w) pixels with the largest mean weight
    (:func:`lcpose.correspondences.top_weight_correspondences`, the paper's quantile selection);
-3. PnP RANSAC (:func:`lcpose.pnp.ransac`: EPnP hypotheses, MSAC, LM on the inliers) gives an
-   initial pose, from which the weighted Levenberg-Marquardt solver
+2. the solver named by ``PnPConfig.solver`` (:mod:`lcpose.pnp.registry`) gives the pose; the
+   default ``"weighted"``: PnP RANSAC (:func:`lcpose.pnp.ransac`: EPnP hypotheses, MSAC, LM on
+   the inliers) gives an initial pose, from which the weighted Levenberg-Marquardt solver
    (:func:`lcpose.pnp.solve`, the paper's "PnP weighted": cost 0.5 sum ||w_i r_i||^2 over all
    selected points) gives the estimate. Both poses are kept (``R``/``t`` and
    ``R_ransac``/``t_ransac``).
@@ -38,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcpose import metrics as M
-from lcpose.correspondences import top_weight_correspondences
-from lcpose.pnp import ransac, solve
+from lcpose.models.registry import model_module
+from lcpose.pnp.registry import get_solver
 
 __all__ = [
     "PnPConfig",
@@ -63,7 +65,11 @@ class PnPConfig:
     """Test-time PnP (hashable).
 
     fraction: share of the output pixels kept by weight (0.3).
-    ransac: run PnP RANSAC first (else the weighted solver starts from weighted EPnP).
+    solver: the test-time solver, a name of :mod:`lcpose.pnp.registry` ("weighted": RANSAC
+      then weighted LM, the paper's; "ransac": RANSAC alone; "weighted_epnp": weighted LM from
+      weighted EPnP).
+    ransac: run PnP RANSAC first; False is ``solver="weighted_epnp"`` (kept for callers that
+      set it).
     hypotheses / sample_size / threshold_px: RANSAC (threshold in output-grid pixels).
     iters: LM iterations of both solves; huber: Huber threshold of the weighted solve on
       ||w_i r_i|| (None: least squares, as the paper's weighted solver).
@@ -79,8 +85,12 @@ class PnPConfig:
     iters: int = 30
     huber: Optional[float] = None
     use_mask: bool = False
+    solver: str = "weighted"
 
     def __post_init__(self):
+        get_solver(self.solver)   # ValueError naming the registered solvers
+        if not self.ransac and self.solver not in ("weighted", "weighted_epnp"):
+            raise ValueError(f"ransac=False asks for solver='weighted_epnp', got solver={self.solver!r}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.hypotheses < 1 or self.sample_size < 4 or self.iters < 1:
@@ -88,45 +98,43 @@ class PnPConfig:
         if not self.threshold_px > 0:
             raise ValueError(f"threshold_px must be positive, got {self.threshold_px}")
 
+    @property
+    def solver_name(self) -> str:
+        """The registered solver this configuration runs."""
+        return self.solver if self.ransac else "weighted_epnp"
 
-def make_predict_fn(model, pnp: PnPConfig = PnPConfig()):
+    @property
+    def solver_kwargs(self) -> dict:
+        return dict(hypotheses=self.hypotheses, sample_size=self.sample_size,
+                    threshold_px=self.threshold_px, iters=self.iters, huber=self.huber)
+
+
+def make_predict_fn(model, pnp: PnPConfig = PnPConfig(), *, head=None):
     """``predict(variables, images, K_out, bbox3d, key) -> dict`` (pure; jit, pmap or export it).
 
     images (B, S, S, 3) RGB in [0, 1]; K_out (B, 3, 3) intrinsics of the output grid
-    (``geometry.crop_intrinsics(K, center, scale, S // 4)``); bbox3d (B, 8, 3) the model boxes
+    (``geometry.crop_intrinsics(K, center, scale, map_size)``); bbox3d (B, 8, 3) the model boxes
     (mm, to turn normalised xyz into mm); key: a PRNG key (raw uint32 (2,) data or typed) for
-    RANSAC. Returns R (B, 3, 3), t (B, 3) (mm) of the weighted solve, ``converged`` (B,),
+    RANSAC. Returns R (B, 3, 3), t (B, 3) (mm) of the solver, ``converged`` (B,),
     R_ransac, t_ransac, and ``inliers`` (B,) RANSAC's inlier count.
+
+    ``head``: the model module whose ``decode_test`` turns the outputs into correspondences
+    (default: the module of ``model``'s class, or GDR-Net's dense head for a stand-in object
+    with an ``apply`` returning GDR-Net's outputs).
     """
-    from lcpose.train.objective import box_extent_center
+    mod = model_module(head if head is not None else model, default="gdrnet")
+    solver = get_solver(pnp.solver_name)
+    solver_kw = pnp.solver_kwargs
 
     def predict(variables, images, K_out, bbox3d, key):
         out = model.apply(variables, images, train=False)
-        dtype = out["xyz"].dtype
-        extent, center = box_extent_center(jnp.asarray(bbox3d, dtype))
-        xyz_mm = center[:, None, None] + extent[:, None, None] * out["xyz"]
-        mask = jax.nn.sigmoid(out["mask_logits"][..., 0]) if pnp.use_mask else None
-        sel = jax.vmap(lambda x, w, m: top_weight_correspondences(x, w, m, pnp.fraction),
-                       in_axes=(0, 0, 0 if mask is not None else None))
-        x3d, x2d, w2d, valid = sel(xyz_mm, out["w2d"], mask)
-        K_out = jnp.asarray(K_out, dtype)
-        B = x3d.shape[0]
+        corr = jax.vmap(lambda o, e: mod.decode_test(o, e, pnp))(out, {"K_out": K_out, "bbox3d": bbox3d})
+        K_out = jnp.asarray(K_out, corr.x3d.dtype)
+        B = corr.x3d.shape[0]
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
-
-        def one(k, x3, x2, w, v, K):
-            if pnp.ransac:
-                r0, inl = ransac(k, x3, x2, K, valid=v, hypotheses=pnp.hypotheses,
-                                 sample_size=pnp.sample_size, threshold_px=pnp.threshold_px,
-                                 iters=pnp.iters)
-                res = solve(x3, x2, w, K, R0=r0.R, t0=r0.t, valid=v, huber=pnp.huber,
-                            iters=pnp.iters)
-                return res.R, res.t, res.converged, r0.R, r0.t, jnp.sum(inl)
-            res = solve(x3, x2, w, K, valid=v, huber=pnp.huber, iters=pnp.iters)
-            return res.R, res.t, res.converged, res.R, res.t, jnp.sum(v)
-
-        R, t, conv, Rr, tr, n_in = jax.vmap(one)(keys, x3d, x2d, w2d, valid, K_out)
-        return {"R": R, "t": t, "converged": conv, "R_ransac": Rr, "t_ransac": tr,
-                "inliers": n_in.astype(jnp.int32)}
+        res, m = jax.vmap(lambda k, c, K: solver(k, c, K, **solver_kw))(keys, corr, K_out)
+        return {"R": res.R, "t": res.t, "converged": res.converged, "R_ransac": m["R_ransac"],
+                "t_ransac": m["t_ransac"], "inliers": m["inliers"].astype(jnp.int32)}
 
     return predict
 

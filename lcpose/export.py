@@ -20,7 +20,7 @@ An export folder holds
 
 ``images`` are square crops of side ``meta["input_size"]`` around the object (e.g. 1.5 x its
 detected box), ``K_out = lcpose.geometry.crop_intrinsics(K, center, scale, output_size)`` the
-intrinsics of the output grid (``output_size = input_size / 4``) of that crop; the returned
+intrinsics of the output grid (``meta["output_size"]``, the model's map side) of that crop; the returned
 pose is the object's pose in the camera of ``K``.
 """
 from __future__ import annotations
@@ -91,6 +91,7 @@ def export_predictor(out_dir, model, variables, *, input_size: int, pnp=None,
       meta: extra JSON (training config, variant, ...).
     """
     from lcpose.evaluate import PnPConfig, make_predict_fn
+    from lcpose.models.registry import map_size
 
     pnp = pnp or PnPConfig()
     model = model.clone(axis_name=None) if getattr(model, "axis_name", None) else model
@@ -111,7 +112,7 @@ def export_predictor(out_dir, model, variables, *, input_size: int, pnp=None,
     with open(os.path.join(out_dir, FUNCTION_FILE), "wb") as f:
         f.write(exported.serialize())
     np.savez(os.path.join(out_dir, VARIABLES_FILE), **_flatten(variables))
-    out_size = input_size // 4
+    out_size = map_size(model, input_size)
     info = {
         "format_version": FORMAT_VERSION,
         "input_size": int(input_size),

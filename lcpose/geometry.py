@@ -33,6 +33,11 @@ __all__ = [
     "crop_affine",
     "crop_intrinsics",
     "bbox3d_corners",
+    "box_extent_center",
+    "xyz_to_mm",
+    "mm_to_xyz",
+    "box_from_model_info",
+    "model_box_corners",
 ]
 
 
@@ -311,6 +316,65 @@ def bbox3d_corners(mins, maxs):
     maxs = jnp.asarray(maxs)
     sel = jnp.array([[i & 1, (i >> 1) & 1, (i >> 2) & 1] for i in range(8)], dtype=bool)
     return jnp.where(sel, maxs[None, :], mins[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# The model box and normalised object coordinates (the one home; lcpose.models re-exports)
+# ----------------------------------------------------------------------------------------------
+# A network regresses object coordinates normalised by the model's axis-aligned box:
+# x_mm = center + extent * xyz, so points on the model lie in [-0.5, 0.5]^3 whatever its size.
+
+
+def box_extent_center(bbox3d):
+    """(extent (..., 3), center (..., 3)) of an axis-aligned model box given by its corners (..., 8, 3)."""
+    lo = jnp.min(bbox3d, axis=-2)
+    hi = jnp.max(bbox3d, axis=-2)
+    return hi - lo, 0.5 * (lo + hi)
+
+
+def xyz_to_mm(xyz, extent, center=None):
+    """Normalised coordinates (..., 3) -> millimetres: center + extent * xyz."""
+    xyz = jnp.asarray(xyz)
+    out = xyz * jnp.asarray(extent, dtype=xyz.dtype)
+    if center is not None:
+        out = out + jnp.asarray(center, dtype=xyz.dtype)
+    return out
+
+
+def mm_to_xyz(x_mm, extent, center=None):
+    """Millimetres (..., 3) -> normalised coordinates: (x_mm - center) / extent."""
+    x_mm = jnp.asarray(x_mm)
+    if center is not None:
+        x_mm = x_mm - jnp.asarray(center, dtype=x_mm.dtype)
+    return x_mm / jnp.asarray(extent, dtype=x_mm.dtype)
+
+
+def _model_box_mins_size(model_info, dtype):
+    import numpy as np
+
+    try:
+        mins = np.array([model_info["min_x"], model_info["min_y"], model_info["min_z"]], dtype)
+        size = np.array([model_info["size_x"], model_info["size_y"], model_info["size_z"]], dtype)
+    except KeyError as e:
+        raise ValueError(f"model_info lacks {e.args[0]!r} (needs min_x/y/z and size_x/y/z)") from None
+    if not np.all(size > 0):
+        raise ValueError(f"model_info sizes must be positive, got {size}")
+    return mins, size
+
+
+def box_from_model_info(model_info):
+    """(extent (3,), center (3,)) in mm (NumPy float64) of a model's box from a BOP models_info.json entry."""
+    mins, size = _model_box_mins_size(model_info, float)
+    return size, mins + 0.5 * size
+
+
+def model_box_corners(model_info):
+    """The 8 corners (8, 3) float32 (NumPy) of a model's box from a BOP models_info.json entry,
+    in `bbox3d_corners` order: the ``bbox3d`` of the data pipeline and the losses."""
+    import numpy as np
+
+    mins, size = _model_box_mins_size(model_info, np.float32)
+    return np.asarray(bbox3d_corners(mins, mins + size), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from lcpose.correspondences import sample_grid, select_top_weights
+from lcpose.geometry import box_extent_center, box_from_model_info, mm_to_xyz, xyz_to_mm  # noqa: F401 (public here too)
 from lcpose.models.resnet import STAGE_BLOCKS, TORCHVISION_WIDTHS, ResNet, output_stride
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -292,33 +295,7 @@ def count_params(tree) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def box_from_model_info(model_info: Mapping[str, float]):
-    """(extent (3,), center (3,)) in mm of a model's box from a BOP models_info.json entry."""
-    try:
-        mins = np.array([model_info["min_x"], model_info["min_y"], model_info["min_z"]], float)
-        size = np.array([model_info["size_x"], model_info["size_y"], model_info["size_z"]], float)
-    except KeyError as e:
-        raise ValueError(f"model_info lacks {e.args[0]!r} (needs min_x/y/z and size_x/y/z)") from None
-    if not np.all(size > 0):
-        raise ValueError(f"model_info sizes must be positive, got {size}")
-    return size, mins + 0.5 * size
-
-
-def xyz_to_mm(xyz, extent, center=None):
-    """Normalised coordinates (..., 3) -> millimetres: center + extent * xyz."""
-    xyz = jnp.asarray(xyz)
-    out = xyz * jnp.asarray(extent, dtype=xyz.dtype)
-    if center is not None:
-        out = out + jnp.asarray(center, dtype=xyz.dtype)
-    return out
-
-
-def mm_to_xyz(x_mm, extent, center=None):
-    """Millimetres (..., 3) -> normalised coordinates: (x_mm - center) / extent."""
-    x_mm = jnp.asarray(x_mm)
-    if center is not None:
-        x_mm = x_mm - jnp.asarray(center, dtype=x_mm.dtype)
-    return x_mm / jnp.asarray(extent, dtype=x_mm.dtype)
+# box_from_model_info / xyz_to_mm / mm_to_xyz live in lcpose.geometry (re-exported above).
 
 
 __all__ = [
@@ -326,3 +303,104 @@ __all__ = [
     "init_variables", "count_params", "box_from_model_info", "xyz_to_mm", "mm_to_xyz",
     "output_size", "check_images", "spatial_softmax_weights", "STAGE_BLOCKS",
 ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The head's contract (lcpose.models.registry): build, decode_train / decode_test, losses
+# ----------------------------------------------------------------------------------------------
+# One instance per call: `outputs` holds GDRNet's outputs without the batch axis, `example` one
+# element of a batch of lcpose.data.pipeline. The training objective and the evaluation vmap
+# these over the batch.
+
+# Batch keys the dense head reads in training (besides lcpose.models.registry.BASE_EXAMPLE_KEYS).
+EXAMPLE_KEYS = ("xyz", "mask_visib")
+
+
+def build(*, preset: str = "cpu", **overrides) -> GDRNet:
+    """The model registry's constructor: ``gdrnet_from_preset(preset, **overrides)``."""
+    return gdrnet_from_preset(preset, **overrides)
+
+
+def map_size(model: GDRNet, input_size: int) -> int:
+    """Side of the output maps of ``model`` for square crops of ``input_size``."""
+    return output_size(input_size, model.head_stages)
+
+
+def train_correspondences(key, xyz, weight_logits, log_scale, bbox3d, stride: int = 2, mask=None):
+    """Training correspondences of ONE example (a `Correspondences`, every point valid).
+
+    xyz (h, w, 3) normalised coordinates, converted to mm with the box of ``bbox3d`` (8, 3);
+    weights ``spatial_softmax_weights(weight_logits, log_scale)`` -- from the *logits*, so that
+    the train step's clipper on the ``weight_logits`` gradient sees the whole pose-loss
+    gradient; every ``stride``-th pixel from a random offset
+    (:func:`lcpose.correspondences.sample_grid`). With ``mask`` (h, w), pixels outside it get
+    weight 0 (``ObjectiveConfig.pose_points="mask"``).
+    """
+    extent, center = box_extent_center(bbox3d)
+    xyz_mm = xyz_to_mm(xyz, extent, center)
+    w2d = spatial_softmax_weights(weight_logits, log_scale)
+    if mask is not None:
+        w2d = w2d * (jnp.asarray(mask) > 0).astype(w2d.dtype)[..., None]
+    return sample_grid(key, xyz_mm, w2d, stride=stride)
+
+
+def decode_train(key, outputs, example, cfg):
+    """(Correspondences, aux) for the pose loss; ``cfg``: an ObjectiveConfig (stride, pose_points)."""
+    dtype = outputs["xyz"].dtype
+    mask = jnp.asarray(example["mask_visib"], dtype) if cfg.pose_points == "mask" else None
+    corr = train_correspondences(key, outputs["xyz"], outputs["weight_logits"], outputs["log_scale"],
+                                 jnp.asarray(example["bbox3d"], dtype), cfg.stride, mask)
+    return corr, {}
+
+
+def decode_test(outputs, example, cfg):
+    """The test points: the top ``cfg.fraction`` of the pixels by weight (``cfg``: a PnPConfig;
+    with ``use_mask`` only those inside the predicted visible mask), xyz in mm by ``bbox3d``."""
+    dtype = outputs["xyz"].dtype
+    extent, center = box_extent_center(jnp.asarray(example["bbox3d"], dtype))
+    xyz_mm = xyz_to_mm(outputs["xyz"], extent, center)
+    mask = jax.nn.sigmoid(outputs["mask_logits"][..., 0]) if cfg.use_mask else None
+    return select_top_weights(xyz_mm, outputs["w2d"], mask, cfg.fraction)
+
+
+def _weight_bce(outputs, example):
+    wl = outputs["weight_logits"]
+    m = jnp.asarray(example["mask_visib"], wl.dtype)[..., None]
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(wl, jnp.broadcast_to(m, wl.shape)))
+
+
+def surrogate_loss(outputs, example, cfg):
+    """GDR-Net's own loss of one example: xyz_weight L_xyz + mask_weight L_mask (see
+    lcpose.train.objective); ``cfg``: an ObjectiveConfig (xyz_weight, mask_weight, xyz_norm).
+
+    L_xyz = mean over (h, w, 3) of |m xyz* - m mm_to_xyz(xyz_gt)| (xyz_norm="mask": the sum
+    over the example divided by 3 x its visible pixels), L_mask = mean BCE(mask_logits, m).
+    """
+    xyz = outputs["xyz"]
+    dtype = xyz.dtype
+    mask = jnp.asarray(example["mask_visib"], dtype)                      # (h, w)
+    extent, center = box_extent_center(jnp.asarray(example["bbox3d"], dtype))
+    m = mask[..., None]
+    target = mm_to_xyz(jnp.asarray(example["xyz"], dtype), extent, center)
+    diff = jnp.abs(xyz * m - target * m)
+    if cfg.xyz_norm == "mask":
+        l_xyz = jnp.sum(diff) / jnp.maximum(3.0 * jnp.sum(mask), 1.0)
+    else:
+        l_xyz = jnp.mean(diff)
+    l_mask = jnp.mean(optax.sigmoid_binary_cross_entropy(outputs["mask_logits"][..., 0], mask))
+    loss = cfg.xyz_weight * l_xyz + cfg.mask_weight * l_mask
+    return loss, {"loss/xyz": l_xyz, "loss/mask": l_mask,
+                  "loss/weight_bce": _weight_bce(outputs, example),
+                  "log_scale": jnp.mean(outputs["log_scale"])}
+
+
+def pose_warmup_loss(outputs, example, cfg):
+    """BCE of both weight-logit channels against the visible mask: the pose loss is blended in
+    from it (through the spatial softmax it first pulls the weights onto the visible object),
+    and it is all the baseline ("none") trains the weights with."""
+    del cfg
+    return _weight_bce(outputs, example)
+
+
+__all__ += ["EXAMPLE_KEYS", "build", "map_size", "train_correspondences", "decode_train",
+            "decode_test", "surrogate_loss", "pose_warmup_loss"]

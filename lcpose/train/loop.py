@@ -1,4 +1,8 @@
-"""The training loop of GDR-Net with a PnP loss: loader -> shard -> pmapped step -> log -> Orbax.
+"""The training loop of a correspondence network with a PnP loss: loader -> shard -> pmapped step -> log -> Orbax.
+
+The network is chosen by name (``TrainConfig.model``, :mod:`lcpose.models.registry`; default
+GDR-Net); its head's ``surrogate_loss`` / ``decode_train`` make the objective
+(:mod:`lcpose.train.objective`) and its ``EXAMPLE_KEYS`` the batch keys sent to the devices.
 
 ``train(tfds_dir, workdir, cfg, objective)`` trains one network on one split of an lcpose TFDS
 dataset (:func:`lcpose.data.pipeline.make_loader`) and returns the final state. One code path
@@ -44,7 +48,8 @@ from lcpose.train.step import AXIS_NAME, make_train_step, replicate, shard_batch
 __all__ = ["TrainConfig", "TrainResult", "train", "build_model", "load_trained", "config_from_meta",
            "TRAIN_KEYS", "CURVE_KEYS"]
 
-# Batch keys the objective reads (the rest of the loader's output stays on the host).
+# Batch keys GDR-Net's objective reads (the rest of the loader's output stays on the host); a
+# run sends lcpose.models.registry.example_keys(model) of its own model.
 TRAIN_KEYS = ("image", "xyz", "mask_visib", "K_out", "R", "t", "bbox3d")
 # Metrics drawn in curves.png (those present).
 CURVE_KEYS = ("loss", "loss/xyz", "loss/mask", "loss/pose", "loss/weight_bce", "grad_correct",
@@ -59,9 +64,10 @@ _RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints")
 class TrainConfig:
     """Everything but the objective that determines a training run (hashable).
 
-    preset / model_overrides: the network (``lcpose.models.PRESETS`` name, GDRNet attribute
-      overrides as (name, value) pairs). ``scale_branch`` follows the objective
-      (:func:`~lcpose.train.objective.uses_scale_branch`) unless overridden here.
+    model: the network's name in :mod:`lcpose.models.registry` (``lcpose.models.<model>``).
+    preset / model_overrides: passed to its ``build`` (GDR-Net: a ``lcpose.models.PRESETS``
+      name and GDRNet attribute overrides as (name, value) pairs). ``scale_branch`` follows the
+      objective (:func:`~lcpose.train.objective.uses_scale_branch`) unless overridden here.
     input_size / output_size: crop and map sizes (must match the preset's stride: out = in / 4).
     batch_size: global batch (split across local devices; divisible by their number).
     total_steps: optimiser updates. learning_rate, weight_decay: Ranger's (2e-4, 1e-4).
@@ -84,6 +90,7 @@ class TrainConfig:
     log_every / ckpt_every / keep_checkpoints: logging and Orbax intervals.
     """
 
+    model: str = "gdrnet"
     preset: str = "cpu"
     model_overrides: Any = ()
     input_size: int = 128
@@ -148,18 +155,17 @@ class TrainResult(NamedTuple):
 
 
 def build_model(cfg: TrainConfig, objective: ObjectiveConfig, axis_name: Optional[str] = None):
-    """The GDRNet of a run (``axis_name=AXIS_NAME`` for the pmapped train step)."""
-    from lcpose.models import PRESETS, gdrnet_from_preset, output_size
+    """The network of a run (``axis_name=AXIS_NAME`` for the pmapped train step):
+    ``get_model(cfg.model, preset=..., axis_name=..., scale_branch=..., **cfg.model_overrides)``."""
+    from lcpose.models.registry import get_model, map_size
 
     overrides = dict(cfg.model_overrides)
     overrides.setdefault("scale_branch", uses_scale_branch(objective))
-    model = gdrnet_from_preset(cfg.preset, axis_name=axis_name, **overrides)
-    out = output_size(cfg.input_size, model.head_stages)
+    model = get_model(cfg.model, preset=cfg.preset, axis_name=axis_name, **overrides)
+    out = map_size(model, cfg.input_size)
     if out != cfg.output_size:
         raise ValueError(f"output_size={cfg.output_size} does not match the network: input "
-                         f"{cfg.input_size} gives {out}x{out} maps (preset {cfg.preset!r})")
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}")
+                         f"{cfg.input_size} gives {out}x{out} maps (model {cfg.model!r}, preset {cfg.preset!r})")
     return model
 
 
@@ -169,7 +175,7 @@ def _compiled_step(model, objective: ObjectiveConfig, cfg_key: tuple):
     (tests, several variants with equal settings) compile once."""
     tx, sched = _make_tx(cfg_key)
     clips = dict(cfg_key[-1])
-    step = make_train_step(model, make_objective(objective), tx, AXIS_NAME,
+    step = make_train_step(model, make_objective(objective, head=model), tx, AXIS_NAME,
                            output_clip={name: {"rel_thresh": rel} for name, rel in clips.items()} or None,
                            learning_rate_fn=sched)
     return tx, sched, jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,))
@@ -214,8 +220,10 @@ def _check_resumable(saved: Optional[dict], now: dict, path: str):
     if not saved:
         return
     diffs = []
+    # a field added since the run was saved reads as its default
+    defaults = {"train": _defaults(TrainConfig), "objective": _defaults(ObjectiveConfig)}
     for section in ("train", "objective"):
-        a, b = saved.get(section, {}), now[section]
+        a, b = {**defaults[section], **saved.get(section, {})}, now[section]
         for k in sorted(set(a) | set(b)):
             if k in _RESUMABLE_CHANGES:
                 continue
@@ -224,6 +232,11 @@ def _check_resumable(saved: Optional[dict], now: dict, path: str):
     if diffs:
         raise ValueError(f"cannot resume from {path}: the configuration differs ("
                          + "; ".join(diffs) + "); use another workdir or resume=False")
+
+
+def _defaults(cls) -> dict:
+    return {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
 
 
 def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
@@ -242,6 +255,7 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     """
     from lcpose.data.pipeline import make_loader
     from lcpose.models import init_variables, load_encoder_weights, merge_encoder_weights
+    from lcpose.models.registry import example_keys
 
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -251,16 +265,17 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the "
                          f"{n_dev * n_proc} devices")
     model = build_model(cfg, objective, axis_name=AXIS_NAME)
+    keys = example_keys(model)
     loader = make_loader(tfds_dir, cfg.train_split, cfg.batch_size // n_proc, train=True,
                          seed=cfg.seed, shard=(jax.process_index(), n_proc),
                          worker_count=cfg.worker_count, obj_ids=cfg.obj_ids,
                          input_size=cfg.input_size, output_size=cfg.output_size,
                          color_aug_prob=cfg.color_aug_prob, bg_switch_prob=cfg.bg_switch_prob)
     tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
-    keys, sym_table = TRAIN_KEYS, None
+    sym_table = None
     if objective.symmetry is not None:       # symmetry-aware ground truth: per-example candidates
         sym_table = _symmetry_table(loader.models, objective.symmetry, cfg.obj_ids)
-        keys = TRAIN_KEYS + SYMMETRY_KEYS
+        keys = tuple(keys) + tuple(k for k in ("xyz", "mask_visib", "R", "t") + SYMMETRY_KEYS if k not in keys)
 
     run_meta = _meta(cfg, objective, tfds_dir, meta)
     config_path = os.path.join(workdir, CONFIG_FILE)

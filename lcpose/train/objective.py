@@ -62,9 +62,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lcpose.correspondences import dense_grid_correspondences
+from lcpose.geometry import box_extent_center
+from lcpose.losses.registry import POSE_LOSSES, PoseLossInputs, get_pose_loss
 from lcpose.metrics import gradient_correct_mask
-from lcpose.models import spatial_softmax_weights
+from lcpose.models.registry import model_module
 from lcpose.symmetry import SymmetryConfig, symmetry_aware_batch
 
 __all__ = [
@@ -76,9 +77,9 @@ __all__ = [
     "uses_scale_branch",
     "box_extent_center",
     "dense_correspondences",
+    "check_pose_points",
 ]
 
-POSE_LOSSES = ("none", "lc", "bpnp", "epropnp")
 POSE_POINTS = ("all", "mask")   # ObjectiveConfig.pose_points
 
 
@@ -136,7 +137,8 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         if self.pose_loss not in POSE_LOSSES:
-            raise ValueError(f"pose_loss must be one of {POSE_LOSSES}, got {self.pose_loss!r}")
+            raise ValueError(f"pose_loss must be one of {sorted(POSE_LOSSES)} (lcpose.losses.registry), "
+                             f"got {self.pose_loss!r}")
         for name in ("pose_weight", "xyz_weight", "mask_weight"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -177,13 +179,10 @@ def uses_scale_branch(cfg: ObjectiveConfig) -> bool:
 
     Off where the loss cannot constrain the scale of the weights (DESIGN.md): BPnP (the PnP
     solution does not change when all weights are scaled), LC without E_prior
-    (``use_prior=False``) and the baseline (its weight BCE acts on the logits only).
+    (``use_prior=False``) and the baseline (its weight BCE acts on the logits only). Each
+    registered loss says so (``lcpose.losses.registry.PoseLoss.uses_scale``).
     """
-    if cfg.pose_loss in ("none", "bpnp"):
-        return False
-    if cfg.pose_loss == "lc":
-        return bool(cfg.kwargs.get("use_prior", True))
-    return True
+    return get_pose_loss(cfg.pose_loss).uses_scale(cfg.kwargs)
 
 
 def pose_blend_factor(step, start_step: int, nonzero_step: int = 0):
@@ -194,52 +193,16 @@ def pose_blend_factor(step, start_step: int, nonzero_step: int = 0):
     return jnp.clip((step - n + 1.0) / (max(float(start_step) - n, 0.0) + 1e-5), 0.0, 1.0)
 
 
-def box_extent_center(bbox3d):
-    """(extent (..., 3), center (..., 3)) of an axis-aligned model box given by its corners (..., 8, 3)."""
-    lo = jnp.min(bbox3d, axis=-2)
-    hi = jnp.max(bbox3d, axis=-2)
-    return hi - lo, 0.5 * (lo + hi)
-
-
 def dense_correspondences(key, xyz_norm, weight_logits, log_scale, bbox3d, stride: int = 2,
                           mask=None):
     """Training correspondences of ONE example: (x3d mm (N, 3), x2d px (N, 2), w2d (N, 2)).
 
-    xyz_norm (h, w, 3) normalised coordinates, weight_logits (h, w, 2), log_scale (2,),
-    bbox3d (8, 3). The weights are built from the logits (see the module docstring). With
-    ``mask`` (h, w), pixels outside it get weight 0 (``ObjectiveConfig.pose_points="mask"``).
+    The dense head's sampler (:func:`lcpose.models.gdrnet.train_correspondences`) as a tuple.
     """
-    extent, center = box_extent_center(bbox3d)
-    xyz_mm = center + extent * xyz_norm
-    w2d = spatial_softmax_weights(weight_logits, log_scale)
-    if mask is not None:
-        w2d = w2d * (jnp.asarray(mask) > 0).astype(w2d.dtype)[..., None]
-    return dense_grid_correspondences(key, xyz_mm, w2d, stride=stride)
+    from lcpose.models.gdrnet import train_correspondences
 
-
-def _pose_loss_fn(cfg: ObjectiveConfig) -> Callable:
-    """Per-example ``f(key, x2d, x3d, w2d, K, R, t, bbox3d) -> (loss, terms dict)``."""
-    kw = cfg.kwargs
-    if cfg.pose_loss == "lc":
-        from lcpose.losses.lc import lc_loss
-
-        def f(key, x2d, x3d, w2d, K, R, t, bbox3d):
-            terms = lc_loss(x2d, x3d, w2d, K, R, t, bbox3d, None, **kw)
-            return terms.loss, {"lc/e_cov": terms.e_cov, "lc/e_prior": terms.e_prior,
-                                "lc/e_linear": terms.e_linear}
-    elif cfg.pose_loss == "bpnp":
-        from lcpose.losses.bpnp import bpnp_loss
-
-        def f(key, x2d, x3d, w2d, K, R, t, bbox3d):
-            return bpnp_loss(x2d, x3d, w2d, K, R, t, bbox3d, None, **kw).loss, {}
-    elif cfg.pose_loss == "epropnp":
-        from lcpose.losses.epropnp import epropnp_loss
-
-        def f(key, x2d, x3d, w2d, K, R, t, bbox3d):
-            return epropnp_loss(key, x2d, x3d, w2d, K, R, t, None, **kw).loss, {}
-    else:
-        raise ValueError(f"no pose loss for pose_loss={cfg.pose_loss!r}")
-    return f
+    c = train_correspondences(key, xyz_norm, weight_logits, log_scale, bbox3d, stride, mask)
+    return c.x3d, c.x2d, c.w2d
 
 
 def _mean_finite(x):
@@ -248,82 +211,81 @@ def _mean_finite(x):
     return jnp.mean(jnp.where(ok, x, 0.0)), jnp.sum(~ok)
 
 
-def make_objective(cfg: ObjectiveConfig):
+def make_objective(cfg: ObjectiveConfig, head="gdrnet"):
     """``loss_fn(outputs, batch, rng, step) -> (loss, metrics)`` for ``make_train_step``.
 
-    Metrics: ``loss/xyz``, ``loss/mask``, ``loss/weight_bce``, ``loss/pose`` (the unweighted
-    pose loss, batch mean), ``pose_blend`` (f), ``pose_nonfinite`` (examples whose pose loss
-    was not finite; they contribute 0), ``log_scale`` (mean log weight sum), for LC also
-    ``lc/e_cov``, ``lc/e_prior``, ``lc/e_linear`` (batch means), and ``grad_correct``
-    (see the module docstring).
+    ``head``: the model whose outputs these are -- a name of :mod:`lcpose.models.registry`,
+    its module or a flax Module of it (default the dense GDR-Net head). Per example the head's
+    ``surrogate_loss`` and ``decode_train`` are vmapped over the batch; the pose loss is
+    ``lcpose.losses.registry.get_pose_loss(cfg.pose_loss)`` on the decoded correspondences.
+
+    Metrics: the batch means of the head's surrogate metrics (GDR-Net: ``loss/xyz``,
+    ``loss/mask``, ``loss/weight_bce``, ``log_scale``), ``loss/pose`` (the unweighted pose
+    loss, batch mean), ``pose_blend`` (f), ``pose_nonfinite`` (examples whose pose loss was
+    not finite; they contribute 0), the pose loss's metrics (LC: ``lc/e_cov``, ``lc/e_prior``,
+    ``lc/e_linear``, batch means), and ``grad_correct`` (see the module docstring).
     """
-    pose_fn = None if cfg.pose_loss == "none" else _pose_loss_fn(cfg)
+    mod = model_module(head)
+    pose = get_pose_loss(cfg.pose_loss)
+    kw = cfg.kwargs
+    warmup = getattr(mod, "pose_warmup_loss", None)
     every = int(cfg.grad_metric_every)
+    xyz_of = getattr(mod, "predicted_xyz_mm", None)
+    if cfg.symmetry is not None and xyz_of is None:
+        raise ValueError(f"symmetry-aware ground truth (ObjectiveConfig.symmetry) needs the head's "
+                         f"predicted_xyz_mm(outputs, example); {mod.__name__} has none")
+
+    def per_example_pose(inputs):
+        return jax.vmap(lambda i: pose.fn(i, **kw))(inputs)
 
     def loss_fn(outputs, batch, rng, step):
-        xyz = outputs["xyz"]
-        dtype = xyz.dtype
         sym_metrics = {}
         if cfg.symmetry is not None:
-            # Symmetry-aware ground truth: re-map "xyz", "R", "t" before every loss (its own
+            # Symmetry-aware ground truth: "xyz", "R", "t" re-mapped before every loss (its own
             # key, so the other random draws are those of a run without it).
-            ext, cen = box_extent_center(jnp.asarray(batch["bbox3d"], dtype))
             batch, sym_metrics = symmetry_aware_batch(
-                jax.random.fold_in(rng, 0x5E7), batch, cen[:, None, None] + ext[:, None, None] * xyz,
-                step, cfg.symmetry)
-        mask = jnp.asarray(batch["mask_visib"], dtype)                       # (B, h, w)
-        bbox3d = jnp.asarray(batch["bbox3d"], dtype)
-        extent, center = box_extent_center(bbox3d)                           # (B, 3)
-        m = mask[..., None]
-        target = (jnp.asarray(batch["xyz"], dtype) - center[:, None, None]) / extent[:, None, None]
-        diff = jnp.abs(xyz * m - target * m)
-        if cfg.xyz_norm == "mask":
-            l_xyz = jnp.sum(diff) / jnp.maximum(3.0 * jnp.sum(mask), 1.0)
-        else:
-            l_xyz = jnp.mean(diff)
-        l_mask = jnp.mean(optax.sigmoid_binary_cross_entropy(outputs["mask_logits"][..., 0], mask))
-        wl = outputs["weight_logits"]
-        l_wbce = jnp.mean(optax.sigmoid_binary_cross_entropy(wl, jnp.broadcast_to(m, wl.shape)))
-
-        metrics = {"loss/xyz": l_xyz, "loss/mask": l_mask, "loss/weight_bce": l_wbce,
-                   "log_scale": jnp.mean(outputs["log_scale"]), **sym_metrics}
-        loss = cfg.xyz_weight * l_xyz + cfg.mask_weight * l_mask
-        if pose_fn is None:
+                jax.random.fold_in(rng, 0x5E7), batch, jax.vmap(xyz_of)(outputs, batch), step,
+                cfg.symmetry)
+        sur_b, sur_metrics = jax.vmap(lambda o, e: mod.surrogate_loss(o, e, cfg))(outputs, batch)
+        loss = jnp.mean(sur_b)
+        metrics = {k: jnp.mean(v) for k, v in sur_metrics.items()}
+        metrics.update(sym_metrics)
+        dtype = sur_b.dtype
+        l_warm = (jnp.mean(jax.vmap(lambda o, e: warmup(o, e, cfg))(outputs, batch))
+                  if warmup is not None else jnp.zeros((), dtype))
+        if not pose.active:
             metrics["pose_blend"] = jnp.zeros((), dtype)
-            return loss + cfg.pose_weight * l_wbce, metrics
+            return loss + cfg.pose_weight * l_warm, metrics
 
-        B = xyz.shape[0]
+        B = sur_b.shape[0]
         k_corr, k_pose = jax.random.split(rng)
-        point_mask = mask if cfg.pose_points == "mask" else None
-        x3d, x2d, w2d = jax.vmap(
-            lambda k, x, l, s, b, m: dense_correspondences(k, x, l, s, b, cfg.stride, m),
-            in_axes=(0, 0, 0, 0, 0, None if point_mask is None else 0),
-        )(jax.random.split(k_corr, B), xyz, wl, outputs["log_scale"], bbox3d, point_mask)
-        K = jnp.asarray(batch["K_out"], dtype)
-        R = jnp.asarray(batch["R"], dtype)
-        t = jnp.asarray(batch["t"], dtype)
-        pose_keys = jax.random.split(k_pose, B)
-
-        per_example = jax.vmap(pose_fn)
-        l_pose_b, terms = per_example(pose_keys, x2d, x3d, w2d, K, R, t, bbox3d)
+        corr, _ = jax.vmap(lambda k, o, e: mod.decode_train(k, o, e, cfg))(
+            jax.random.split(k_corr, B), outputs, batch)
+        dtype = corr.x3d.dtype
+        inputs = PoseLossInputs(corr=corr, K=jnp.asarray(batch["K_out"], dtype),
+                                R=jnp.asarray(batch["R"], dtype), t=jnp.asarray(batch["t"], dtype),
+                                bbox3d=jnp.asarray(batch["bbox3d"], dtype),
+                                key=jax.random.split(k_pose, B))
+        l_pose_b, terms = per_example_pose(inputs)
         l_pose, n_bad = _mean_finite(l_pose_b)
         f = pose_blend_factor(step, cfg.pose_loss_start_step, cfg.pose_loss_nonzero_step).astype(dtype)
-        loss = loss + cfg.pose_weight * (f * l_pose + (1.0 - f) * l_wbce)
+        loss = loss + cfg.pose_weight * (f * l_pose + (1.0 - f) * l_warm)
         metrics.update({"loss/pose": l_pose, "pose_blend": f, "pose_nonfinite": n_bad})
         for k, v in terms.items():
             metrics[k] = _mean_finite(v)[0]
 
         if every > 0:
-            sg = jax.lax.stop_gradient
-            args = tuple(sg(a) for a in (x2d, x3d, w2d, K, R, t, bbox3d))
+            fixed = jax.tree.map(jax.lax.stop_gradient, inputs)
 
             def grad_metric():
                 def total(x3d_):
-                    lb, _ = per_example(pose_keys, args[0], x3d_, *args[2:])
+                    lb, _ = per_example_pose(fixed._replace(corr=fixed.corr._replace(x3d=x3d_)))
                     return jnp.sum(jnp.where(jnp.isfinite(lb), lb, 0.0))
 
-                g = jax.grad(total)(args[1])
-                correct, counted = jax.vmap(gradient_correct_mask)(g, args[1], args[0], K, R, t)
+                c = fixed.corr
+                g = jax.grad(total)(c.x3d)
+                correct, counted = jax.vmap(gradient_correct_mask)(
+                    g, c.x3d, c.x2d, fixed.K, fixed.R, fixed.t, c.valid)
                 return (jnp.sum(correct) / jnp.maximum(jnp.sum(counted), 1)).astype(dtype)
 
             metrics["grad_correct"] = jax.lax.cond(
