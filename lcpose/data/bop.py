@@ -58,7 +58,8 @@ class BopFormatError(ValueError):
 
 # What lcpose knows about the BOP datasets it supports. `obj_ids`: the objects of the
 # dataset's test targets; `test_split`: the BOP-19 test images (test_targets_bop19.json);
-# `train_splits`: what the LC-loss paper trains on (LM-O: LM real images + PBR images).
+# `train_splits`: what the LC-loss paper trains on (LM-O: LM real images + PBR images);
+# `detections_file`: a detection file in the dataset folder used when none is given.
 # Symmetries always come from models_info.json.
 DATASETS: dict[str, dict[str, Any]] = {
     "lmo": dict(
@@ -86,6 +87,7 @@ DATASETS: dict[str, dict[str, Any]] = {
         train_splits=["train_pbr"],
         train_real_from_lm=False,
         image_size=None,
+        detections_file="detections_test.json",   # written by lcpose.data.synthetic
     ),
 }
 

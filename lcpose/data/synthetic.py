@@ -43,6 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from lcpose.data import bop
 from lcpose.data.augment import procedural_background
 from lcpose.data.render import rasterize, shade_lambert
 
@@ -63,7 +64,7 @@ __all__ = [
 LMO_K = np.array([[572.4114, 0.0, 325.2611], [0.0, 573.57043, 242.04899], [0.0, 0.0, 1.0]])
 LMO_SIZE = (640, 480)  # width, height
 DEPTH_SCALE = 0.1  # mm per depth PNG unit, as in BOP's PBR images
-DETECTIONS_FILE = "detections_test.json"
+DETECTIONS_FILE = bop.DATASETS["synthetic"]["detections_file"]
 _FORMAT_VERSION = 1
 
 # The embedded default of the experiments.

@@ -550,10 +550,8 @@ def build_tfds(
     missing = [o for o in obj_ids if o not in models_info]
     if missing:
         raise bop.BopFormatError(f"{os.path.join(bop_root, 'models', 'models_info.json')}: no entry for obj_ids {missing}")
-    if dataset == "synthetic" and detections is None:
-        from lcpose.data.synthetic import DETECTIONS_FILE
-
-        cand = os.path.join(bop_root, DETECTIONS_FILE)
+    if detections is None and spec.get("detections_file"):
+        cand = os.path.join(bop_root, spec["detections_file"])
         detections = cand if os.path.isfile(cand) else None
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)

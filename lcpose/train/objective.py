@@ -1,9 +1,14 @@
-"""The GDR-Net training objective with an end-to-end PnP loss (LC, BPnP or EPro-PnP).
+"""The training objective: a head's own loss plus an end-to-end PnP loss (LC, BPnP, EPro-PnP, ...).
 
-``make_objective(cfg)`` returns ``loss_fn(outputs, batch, rng, step) -> (loss, metrics)`` for
-:func:`lcpose.train.make_train_step`, where ``outputs`` is what :class:`lcpose.models.GDRNet`
-returns and ``batch`` holds the keys of :mod:`lcpose.data.pipeline` (``xyz``, ``mask_visib``,
-``K_out``, ``R``, ``t``, ``bbox3d``; others are ignored). Per example, with ``m`` the visible
+``make_objective(cfg, head="gdrnet")`` returns ``loss_fn(outputs, batch, rng, step) -> (loss,
+metrics)`` for :func:`lcpose.train.make_train_step`. It is head-generic
+(:mod:`lcpose.models.registry`): per example, ``loss = surrogate_loss + pose_weight * (f *
+L_pose + (1 - f) * pose_warmup_loss)`` with ``L_pose`` the registered pose loss
+(:mod:`lcpose.losses.registry`) on ``decode_train``'s correspondences, averaged over the batch.
+
+For the dense GDR-Net head (:mod:`lcpose.models.gdrnet`), ``outputs`` is what
+:class:`lcpose.models.GDRNet` returns and ``batch`` holds the keys of :mod:`lcpose.data.pipeline`
+(``xyz``, ``mask_visib``, ``K_out``, ``R``, ``t``, ``bbox3d``; others are ignored). Per example, with ``m`` the visible
 mask at the output resolution (h x w) and ``xyz*`` the predicted object coordinates in the
 model's normalised frame (``x_mm = center + extent * xyz``, ``lcpose.models.xyz_to_mm``; extent
 and center come from the example's ``bbox3d``)::
@@ -18,7 +23,8 @@ and center come from the example's ``bbox3d``)::
     loss   = xyz_weight L_xyz + mask_weight L_mask
              + pose_weight (f L_pose + (1 - f) L_wbce)
 
-averaged over the (local) batch. This is the LC reference recipe (``losses.Loss_fn`` of the
+averaged over the (local) batch (each term a per-example mean, then the batch mean). This is
+the LC reference recipe (``losses.Loss_fn`` of the
 official code with ``w_loss_noc = 1``, ``w_loss_seg = 0.25``, ``w_loss_pose = 0.02``,
 ``pose_loss_start_step = 2000``): the L1 loss is taken on the normalised coordinates (as
 GDR-Net / the reference regress them), so it weighs every object alike whatever its size; the
@@ -107,8 +113,8 @@ class ObjectiveConfig:
       mapping (normalised to sorted pairs), e.g. (("use_prior", False),).
     grad_metric_every: measure gradient correctness every this many steps (0: never).
     xyz_norm: "all" -- L_xyz is the mean over all h w 3 elements (the LC reference);
-      "mask" -- the sum over the visible pixels divided by 3 x their number (GDR-Net's
-      normalisation; a stronger xyz signal relative to the mask terms).
+      "mask" -- the sum over the visible pixels divided by 3 x their number, per example
+      (GDR-Net's normalisation; a stronger xyz signal relative to the mask terms).
     pose_points: "all" -- every sampled pixel enters the pose loss (the LC reference);
       "mask" -- only those inside the ground-truth visible mask (the others get weight 0), so
       the pose loss cannot lean on background pixels, whose 3D points no surrogate loss
