@@ -187,22 +187,24 @@ def weight_map_stats(model, variables, batch, path=None, *, count: int = 8) -> D
     return stats
 
 
-def coordinate_errors(model, variables, loader, table) -> Dict[str, np.ndarray]:
+def coordinate_errors(model, variables, loader, table, *, head=None) -> Dict[str, np.ndarray]:
     """Mean object-coordinate error (mm) of the network over the visible pixels, per instance.
 
     ``table``: the dataset's :class:`lcpose.symmetry.SymmetryTable` (rows = obj_index). Returns
     ``obj_id``, ``xyz_err_mm`` (against the annotated coordinates) and ``xyz_err_sym_mm`` (in
     the symmetric frame: the minimum over the object's equivalent coordinate maps,
     :func:`lcpose.symmetry.symmetric_xyz_error`); NaN for crops without a visible pixel.
+    ``head``: as in :func:`make_predict_fn`; its ``predicted_xyz_mm(outputs, example)`` gives
+    the predicted map.
     """
     from lcpose.symmetry import symmetric_xyz_error
-    from lcpose.train.objective import box_extent_center
+
+    mod = model_module(head if head is not None else model, default="gdrnet")
 
     @jax.jit
     def errors(variables, images, xyz_gt, mask, bbox3d, sym_R, sym_t, sym_valid):
         out = model.apply(variables, images, train=False)
-        extent, center = box_extent_center(jnp.asarray(bbox3d, out["xyz"].dtype))
-        pred = center[:, None, None] + extent[:, None, None] * out["xyz"]
+        pred = jax.vmap(mod.predicted_xyz_mm)(out, {"bbox3d": bbox3d})
         plain = sym_valid & (jnp.arange(sym_valid.shape[1]) == 0)[None]     # identity only
         f = jax.vmap(symmetric_xyz_error)
         return f(pred, xyz_gt, mask, sym_R, sym_t, plain), f(pred, xyz_gt, mask, sym_R, sym_t, sym_valid)

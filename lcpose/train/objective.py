@@ -229,7 +229,10 @@ def make_objective(cfg: ObjectiveConfig, head="gdrnet"):
     ``loss/mask``, ``loss/weight_bce``, ``log_scale``), ``loss/pose`` (the unweighted pose
     loss, batch mean), ``pose_blend`` (f), ``pose_nonfinite`` (examples whose pose loss was
     not finite; they contribute 0), the pose loss's metrics (LC: ``lc/e_cov``, ``lc/e_prior``,
-    ``lc/e_linear``, batch means), and ``grad_correct`` (see the module docstring).
+    ``lc/e_linear``, batch means), and ``grad_correct`` (see the module docstring). With
+    ``cfg.symmetry``, the batch's "xyz", "R", "t" are first re-mapped to the selected symmetric
+    equivalent (:func:`lcpose.symmetry.symmetry_aware_batch`; the head must define
+    ``predicted_xyz_mm``), and ``sym/switched`` / ``sym/error_mm`` are logged.
     """
     mod = model_module(head)
     pose = get_pose_loss(cfg.pose_loss)
