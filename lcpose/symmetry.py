@@ -174,6 +174,24 @@ def _sample_visible(key, mask, num_points: int):
     return idx, top >= 0.0
 
 
+def _check_shapes(xyz_pred, xyz_gt, mask, sym_R, sym_t, sym_valid):
+    """ValueError naming the argument (shapes are static, so this also runs under jit/vmap)."""
+    g = np.shape(xyz_gt)
+    if len(g) != 3 or g[-1] != 3:
+        raise ValueError(f"`xyz_gt` must be an (h, w, 3) coordinate map, got shape {g}")
+    if np.shape(xyz_pred) != g:
+        raise ValueError(f"`xyz_pred` must have the shape of xyz_gt {g}, got {np.shape(xyz_pred)}")
+    if np.shape(mask) != g[:2]:
+        raise ValueError(f"`mask` must be {g[:2]}, got shape {np.shape(mask)}")
+    sR = np.shape(sym_R)
+    if len(sR) != 3 or sR[1:] != (3, 3) or sR[0] < 1:
+        raise ValueError(f"`sym_R` must be (S, 3, 3) with S >= 1, got shape {sR}")
+    if np.shape(sym_t) != (sR[0], 3):
+        raise ValueError(f"`sym_t` must be ({sR[0]}, 3), got shape {np.shape(sym_t)}")
+    if sym_valid is not None and np.shape(sym_valid) != (sR[0],):
+        raise ValueError(f"`sym_valid` must be ({sR[0]},), got shape {np.shape(sym_valid)}")
+
+
 def select_symmetric_gt(key, xyz_pred, xyz_gt, mask, R_gt, t_gt, sym_R, sym_t, sym_valid=None, *,
                         num_points: int = 256, enabled=True) -> SymmetricGT:
     """The equivalent ground truth nearest to a prediction (one instance; jit/vmap).
@@ -186,6 +204,8 @@ def select_symmetric_gt(key, xyz_pred, xyz_gt, mask, R_gt, t_gt, sym_R, sym_t, s
     False the annotation is returned (candidate 0; e.g. before the start step). See the module
     docstring.
     """
+    _check_shapes(xyz_pred, xyz_gt, mask, sym_R, sym_t, sym_valid)
+    xyz_gt = jnp.asarray(xyz_gt)
     dtype = xyz_gt.dtype
     xyz_pred = jax.lax.stop_gradient(jnp.asarray(xyz_pred, dtype))
     sym_R, sym_t = jnp.asarray(sym_R, dtype), jnp.asarray(sym_t, dtype)

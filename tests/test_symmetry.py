@@ -180,6 +180,10 @@ def test_degenerate_inputs_fall_back_to_the_annotation():
     sel = select_symmetric_gt(jax.random.PRNGKey(0), nan_pred, xyz, jnp.ones((8, 8)), *args[3:])
     assert int(sel.index) == 0 and np.all(np.isfinite(np.asarray(sel.xyz)))
     assert np.isnan(float(symmetric_xyz_error(nan_pred, xyz, jnp.zeros((8, 8)), tab.R[0], tab.t[0])))
+    with pytest.raises(ValueError, match="sym_t"):
+        select_symmetric_gt(jax.random.PRNGKey(0), *args[:6], tab.t[0][:2], tab.valid[0])
+    with pytest.raises(ValueError, match="mask"):
+        select_symmetric_gt(jax.random.PRNGKey(0), args[0], xyz, jnp.ones((8, 7)), *args[3:])
 
 
 def test_symmetry_transformations_continuous_steps():
