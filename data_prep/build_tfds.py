@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="TFDS data dir")
     p.add_argument("--lm_root", default=None, help="LM's BOP folder (lmo train_real: LM's real images)")
     p.add_argument("--detections", default=None, help="detection json for the test split (GDR-Net or BOP'22 format)")
+    p.add_argument("--test_list", default=None,
+                   help="test images to keep instead of the BOP'19 targets (e.g. YCB-V's keyframe.txt)")
     p.add_argument("--obj_ids", default=None, help="comma-separated object ids (default: the dataset's)")
     p.add_argument("--image_stride", type=int, default=1, help="keep every n-th image of each scene")
     p.add_argument("--min_visib_fract", type=float, default=None,
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
         store = tfds_builder.StoreConfig(image_format=a.image_format, xyz_oversample=a.xyz_oversample)
         d = tfds_builder.build_tfds(
             a.bop_root, a.dataset, [s for s in a.splits.split(",") if s], a.out,
-            lm_root=a.lm_root, detections=a.detections,
+            lm_root=a.lm_root, detections=a.detections, test_list=a.test_list,
             obj_ids=None if a.obj_ids is None else [int(x) for x in a.obj_ids.split(",")],
             image_stride=a.image_stride, min_visib_fract=a.min_visib_fract, store=store, workers=a.workers,
         )

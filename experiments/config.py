@@ -10,7 +10,8 @@ images' renderer), four intermediate checkpoints evaluated for the learning curv
 ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O (ResNet-34, 256x256 -> 64x64,
 batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from 72 % with 1000 warm-up steps,
 pose loss 0.02 x LC blended in over 2000 steps, in-plane rotation augmentation, detections at
-test time).
+test time). ``CONFIGS["ycbv"]`` is its YCB-V recipe (20 epochs, PBR + real images,
+symmetry-aware ground truth, keyframe test images, AUC metrics; ``python -m experiments.ycbv_gdr``).
 
 Variants (``VARIANTS``) only change the objective: ``baseline`` (no PnP loss; the weights
 are trained by the weight-mask BCE only), ``lc`` (the LC loss), ``bpnp``, ``epropnp``, the
@@ -25,6 +26,7 @@ import dataclasses
 from typing import Dict, Mapping, Optional, Tuple
 
 from lcpose.evaluate import PnPConfig
+from lcpose.symmetry import SymmetryConfig
 from lcpose.train.loop import TrainConfig
 from lcpose.train.objective import ObjectiveConfig, check_pose_points
 
@@ -56,6 +58,13 @@ class ExperimentConfig:
       (0: none) for the learning curve (``learning_curve.png``: ADD(-S) vs training minutes).
     seeds: run every variant with each of these seeds (None: ``train.seed`` only); results
       then hold the mean and spread over the seeds.
+    symmetric_obj_ids: the objects scored with ADD-S in ADD(-S) and, with ``symmetry_aware``,
+      trained with the symmetry-aware ground truth (None: those whose models_info declares a
+      symmetry; YCB-V: PoseCNN's 13, 16, 19, 20, 21, as GDR-Net and the LC paper).
+    symmetry_aware / symmetry_start_step: the symmetry-aware ground-truth selection
+      (``lcpose.symmetry``; the paper uses it in the GDR-Net YCB-V runs, from the first step).
+    auc_table: also print the YCB-V table (per object ADD(-S), AUC of ADD-S and ADD(-S) to
+      10 cm, continuous and 11-point).
     """
 
     name: str
@@ -76,6 +85,10 @@ class ExperimentConfig:
     pose_blend_fractions: Optional[Tuple[float, float]] = None
     curve_points: int = 0
     seeds: Optional[Tuple[int, ...]] = None
+    symmetric_obj_ids: Optional[Tuple[int, ...]] = None
+    symmetry_aware: bool = False
+    symmetry_start_step: int = 0
+    auc_table: bool = False
 
     def __post_init__(self):
         check_pose_points(self.pose_points)
@@ -86,6 +99,10 @@ class ExperimentConfig:
         if self.train.obj_ids is not None and tuple(self.train.obj_ids) != self.objects:
             raise ValueError(f"train.obj_ids={self.train.obj_ids} differs from objects={self.objects}; "
                              "set objects only")
+        if self.symmetric_obj_ids is not None:
+            object.__setattr__(self, "symmetric_obj_ids", tuple(int(o) for o in self.symmetric_obj_ids))
+        if int(self.symmetry_start_step) < 0:
+            raise ValueError(f"symmetry_start_step must be >= 0, got {self.symmetry_start_step}")
         if self.pose_blend_fractions is not None:
             a, b = (float(x) for x in self.pose_blend_fractions)
             if not 0.0 <= a <= b <= 1.0:
@@ -181,7 +198,26 @@ ZEBRA_PAPER = ExperimentConfig(
     pnp=PnPConfig(fraction=0.8, use_mask=True, threshold_px=2.0),
 )
 
-CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "cpu-long": CPU_LONG, "paper": PAPER,
+
+# The LC paper's GDR-Net recipe on YCB-V (the reference's gycbv.yaml): as LM-O but 20 epochs
+# (not 80), training on the PBR and the real images, the symmetry-aware ground truth for the
+# PoseCNN symmetric objects, test on the 2949 keyframes of the YCB-Video toolbox with the FCOS
+# detections of GDR-Net (BOP json; BUILD.md, "YCB-V"), and the AUC metrics of PoseCNN. One
+# network per object, as the reference trains it (``--obj``).
+YCBV_SYMMETRIC = (13, 16, 19, 20, 21)   # 024_bowl, 036_wood_block, 051/052 clamps, 061_foam_brick
+
+YCBV = PAPER.replace(
+    name="ycbv",
+    train=dataclasses.replace(PAPER.train, train_split="train_pbr+train_real"),
+    epochs=20,
+    per_object=True,
+    symmetric_obj_ids=YCBV_SYMMETRIC,
+    symmetry_aware=True,
+    symmetry_start_step=0,
+    auc_table=True,
+)
+
+CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "cpu-long": CPU_LONG, "paper": PAPER, "ycbv": YCBV,
                                         "zebra_cpu": ZEBRA_CPU, "zebra_paper": ZEBRA_PAPER}
 
 # Objective per variant (on top of the experiment's pose_weight / blend / grad metric).
@@ -241,7 +277,9 @@ def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int,
     if variant not in variants:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(variants)}")
     spec = dict(variants[variant])
-    return ObjectiveConfig(pose_weight=cfg.pose_weight,
+    symmetry = (SymmetryConfig(obj_ids=cfg.symmetric_obj_ids, start_step=cfg.symmetry_start_step)
+                if cfg.symmetry_aware else None)
+    return ObjectiveConfig(pose_weight=cfg.pose_weight, symmetry=symmetry,
                            pose_loss_start_step=pose_loss_start(cfg, total_steps),
                            pose_loss_nonzero_step=pose_loss_nonzero(cfg, total_steps),
                            pose_points=cfg.pose_points,

@@ -51,6 +51,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m e
     p.add_argument("--dataset", default=None, help="BOP dataset name of --bop_root (default: its folder name)")
     p.add_argument("--lm_root", default=None, help="LM's BOP folder (LM-O train_real: LM's real images)")
     p.add_argument("--detections", default=None, help="detection json for the test split")
+    p.add_argument("--test_list", default=None,
+                   help="test images to keep (e.g. YCB-V's keyframe.txt; replaces the BOP-19 test targets)")
+    p.add_argument("--sym_aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetry-aware ground truth in training (default: the config's; ycbv: yes)")
+    p.add_argument("--sym_start", type=int, default=None,
+                   help="step from which the symmetry-aware ground truth is used (default: the config's, 0)")
     p.add_argument("--tfds_dir", default=None,
                    help="converted TFDS data dir (default: $LCPOSE_CACHE/tfds for --bop_root)")
     p.add_argument("--train_split", default=None, help="training split (default: the config's, train_pbr)")
@@ -118,6 +124,10 @@ def _config(args, config_prefix: str = "", configs=None, variants=None):
         cfg = cfg.replace(curve_points=max(0, int(args.curve_points)))
     if args.boxes:
         cfg = cfg.replace(boxes=args.boxes)
+    if args.sym_aware is not None:
+        cfg = cfg.replace(symmetry_aware=bool(args.sym_aware))
+    if args.sym_start is not None:
+        cfg = cfg.replace(symmetry_start_step=int(args.sym_start))
     if args.variants:
         cfg = cfg.replace(variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
     try:
@@ -182,9 +192,10 @@ def _dataset(args, cfg):
 
     dataset = _dataset_name(args)
     out = args.tfds_dir or os.path.join(default_cache_dir(), "tfds")
-    splits = sorted({cfg.train.train_split, cfg.test_split})
+    splits = sorted(set(cfg.train.train_split.split("+")) | {cfg.test_split})
     return build_tfds(args.bop_root, dataset, splits, out, lm_root=args.lm_root,
-                      detections=args.detections, progress=not args.no_progress), dataset
+                      detections=args.detections, test_list=args.test_list,
+                      progress=not args.no_progress), dataset
 
 
 def _identity(args, cfg, experiment: str = "lmo_gdr") -> dict:
@@ -307,10 +318,11 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
     summaries = {}
     curves = {}
     learning = {}
+    sym_table = _symmetry_table(test_loader.models)
     for variant in cfg.variants:
         objective = objective_for(cfg, variant, cfg.train.total_steps, variants)
         vdir = os.path.join(workdir, variant)
-        outs, histories, wstats = [], [], []
+        outs, histories, wstats, coords = [], [], [], []
         curve_outs, curve_minutes = {}, {}
         steps = train_seconds = compile_seconds = eval_seconds = 0.0
         for sub, obj_ids in runs:
@@ -340,6 +352,7 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
                     curve_minutes.setdefault(step, []).append(
                         (res.compile_seconds + per_step * (step - 1)) / 60.0)
             np.savez(os.path.join(res.workdir, EVAL_FILE), **outs[-1])
+            coords.append(E.coordinate_errors(res.model, variables, loader, sym_table))
             # where the weights went (weights.png next to the run's curves)
             first = next(iter(_test_loader(tfds_dir, cfg, obj_ids if sub else runs[0][1], workers=0)))
             wstats.append(E.weight_map_stats(res.model, variables, first,
@@ -354,9 +367,16 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
         merged = _earlier_objects(vdir, [o for _, (o,) in runs]) if cfg.per_object else []
         outs += [o for _, o in merged]
         out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-        errors = E.compute_errors(out, test_loader.models, image_width=image_width)
-        errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac")
+        sym = cfg.symmetric_obj_ids
+        errors = E.compute_errors(out, test_loader.models, image_width=image_width, symmetric_obj_ids=sym)
+        errors_r = E.compute_errors(out, test_loader.models, image_width=image_width, prefix="ransac",
+                                    symmetric_obj_ids=sym)
         summary = E.summarize(out, errors, errors_r)
+        coords = [c for c in coords if c is not None]   # None: a head without coordinate maps
+        if coords:
+            summary.update(_coordinate_summary(np.concatenate([c["obj_id"] for c in coords]),
+                                               {k: np.concatenate([c[k] for c in coords])
+                                                for k in ("xyz_err_mm", "xyz_err_sym_mm")}))
         csv = E.write_bop_csv(os.path.join(vdir, f"{method}{variant.replace('_', '')}_{dataset}-test.csv"), out)
         gc = [r["grad_correct"] for h in histories for r in h if np.isfinite(r.get("grad_correct", np.nan))]
         last = [h[-1] for h in histories if h]
@@ -387,6 +407,9 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
         results["objects"] = sorted(set(results["objects"]) | {o for o, _ in merged})
         _write_json(results_path, results)
         print(E.format_table({variant: summary}, title=f"{variant}: ADD(-S) 0.1d [%]"), file=sys.stderr)
+        if cfg.auc_table:
+            print(E.format_table({variant: summary}, metrics=E.YCBV_METRICS,
+                                 title=f"{variant}: ADD(-S) 0.1d and AUC to 10 cm [%]"), file=sys.stderr)
 
     if curves:
         _plot_losses(curves, os.path.join(workdir, "losses.png"))
@@ -397,6 +420,12 @@ def _run_seed(args, cfg, workdir, tfds_dir, dataset, t_start, data_seconds, resu
     _write_json(results_path, results)
     print(E.format_table(summaries, title=f"ADD(-S) 0.1d [%] on {dataset} ({cfg.name} config, "
                                           f"{cfg.train.total_steps} steps)"))
+    if cfg.auc_table:
+        print(E.format_table(summaries, metrics=E.YCBV_METRICS,
+                             title=f"YCB-V metrics [%] on {dataset} (AUC to 10 cm; p11: 11-point form)"))
+    if any("xyz_err_mm" in s_ for s_ in summaries.values()):
+        print(E.format_table(summaries, metrics=COORD_METRICS,
+                             title="mean xyz error on the visible pixels [mm] (sym: in the symmetric frame)"))
     for v, r in results["variants"].items():
         gc = f", gradient correctness {r['grad_correct']:.1f} %" if r["grad_correct"] is not None else ""
         ws = (f"; test weights: {r['weight_on_mask']:.0f} % on the visible mask, {r['weight_n_eff']:.0f} "
@@ -439,6 +468,8 @@ def _plot_coordinate_maps(model, variables, batch, path, count: int = 8):
     import matplotlib.pyplot as plt
 
     out = model.apply(variables, batch["image"], train=False)
+    if "xyz" not in out or "mask_logits" not in out or "xyz" not in batch:   # a head without xyz maps
+        return
     keep = np.nonzero(np.asarray(batch.get("valid_example", np.ones(len(batch["image"])))) > 0)[0][:count]
     if len(keep) == 0:
         return
@@ -551,6 +582,28 @@ def _train_config(cfg, obj_ids, models):
         ov = {**hook(models.bbox3d[models.index_of(obj_ids[0])]), **dict(tr.model_overrides)}
         tr = dataclasses.replace(tr, model_overrides=ov)
     return tr
+
+
+COORD_METRICS = (("xyz_err_mm", "xyz err"), ("xyz_err_sym_mm", "xyz err sym"))
+
+
+def _symmetry_table(models):
+    """Every declared symmetry of the dataset's objects (the symmetric frame of the xyz error)."""
+    from lcpose.symmetry import symmetry_table
+
+    return symmetry_table(models.models_info, models.obj_ids)
+
+
+def _coordinate_summary(obj_id, errs):
+    """{"xyz_err_mm": {obj: mean, "mean": ...}, "xyz_err_sym_mm": ...} (mm, NaN crops left out)."""
+    ids = [int(o) for o in np.unique(obj_id)]
+    out = {}
+    for key, e in errs.items():
+        d = {str(o): round(float(np.nanmean(e[obj_id == o])), 2) if np.any(np.isfinite(e[obj_id == o]))
+             else float("nan") for o in ids}
+        d["mean"] = round(float(np.nanmean([d[str(o)] for o in ids])), 2)
+        out[key] = d
+    return out
 
 
 def _objects(cfg, test_loader):

@@ -52,7 +52,9 @@ __all__ = [
     "format_table",
     "write_bop_csv",
     "weight_map_stats",
+    "coordinate_errors",
     "PREDICT_KEYS",
+    "YCBV_METRICS",
 ]
 
 PREDICT_KEYS = ("R", "t", "converged", "R_ransac", "t_ransac", "inliers")
@@ -192,6 +194,42 @@ def weight_map_stats(model, variables, batch, path=None, *, count: int = 8) -> D
     return stats
 
 
+def coordinate_errors(model, variables, loader, table, *, head=None) -> Optional[Dict[str, np.ndarray]]:
+    """Mean object-coordinate error (mm) of the network over the visible pixels, per instance.
+
+    ``table``: the dataset's :class:`lcpose.symmetry.SymmetryTable` (rows = obj_index). Returns
+    ``obj_id``, ``xyz_err_mm`` (against the annotated coordinates) and ``xyz_err_sym_mm`` (in
+    the symmetric frame: the minimum over the object's equivalent coordinate maps,
+    :func:`lcpose.symmetry.symmetric_xyz_error`); NaN for crops without a visible pixel.
+    ``head``: as in :func:`make_predict_fn`; its ``predicted_xyz_mm(outputs, example)`` gives
+    the predicted map; a head without one (sparse keypoints) gives None.
+    """
+    from lcpose.symmetry import symmetric_xyz_error
+
+    mod = model_module(head if head is not None else model, default="gdrnet")
+    if not hasattr(mod, "predicted_xyz_mm"):
+        return None
+
+    @jax.jit
+    def errors(variables, images, xyz_gt, mask, bbox3d, sym_R, sym_t, sym_valid):
+        out = model.apply(variables, images, train=False)
+        pred = jax.vmap(mod.predicted_xyz_mm)(out, {"bbox3d": bbox3d})
+        plain = sym_valid & (jnp.arange(sym_valid.shape[1]) == 0)[None]     # identity only
+        f = jax.vmap(symmetric_xyz_error)
+        return f(pred, xyz_gt, mask, sym_R, sym_t, plain), f(pred, xyz_gt, mask, sym_R, sym_t, sym_valid)
+
+    rows: Dict[str, list] = {"obj_id": [], "xyz_err_mm": [], "xyz_err_sym_mm": []}
+    for batch in loader:
+        g = table.gather(batch["obj_index"])
+        e, e_sym = jax.device_get(errors(variables, batch["image"], batch["xyz"], batch["mask_visib"],
+                                         batch["bbox3d"], g["sym_R"], g["sym_t"], g["sym_valid"]))
+        keep = np.asarray(batch["valid_example"]) > 0
+        rows["obj_id"].append(np.asarray(batch["obj_id"])[keep])
+        rows["xyz_err_mm"].append(np.asarray(e)[keep])
+        rows["xyz_err_sym_mm"].append(np.asarray(e_sym)[keep])
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
 def evaluate(predict, variables, loader, *, key=0, progress: bool = True,
              desc: str = "eval", extra_keys: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     """Run a (jitted) ``predict`` over an evaluation loader; per-instance numpy arrays.
@@ -262,7 +300,7 @@ def _errors_core(R, t, R_gt, t_gt, K, pts, symmetric, sym_R, sym_t):
 
 
 def compute_errors(result: Mapping[str, np.ndarray], models, *, image_width: float = 640.0,
-                   prefix: str = "") -> Dict[str, np.ndarray]:
+                   prefix: str = "", symmetric_obj_ids=None) -> Dict[str, np.ndarray]:
     """Per-instance pose errors of ``result`` (from :func:`evaluate`): a dict of (M,) arrays.
 
     ``models`` is the dataset's :class:`lcpose.data.pipeline.ModelTable`. Keys: ``add``,
@@ -270,6 +308,9 @@ def compute_errors(result: Mapping[str, np.ndarray], models, *, image_width: flo
     ``symmetric``, ``diameter``, ``image_width`` per instance. ``prefix="ransac"`` scores
     ``R_ransac``/``t_ransac`` instead. Instances without a box or with a non-finite pose get
     +inf. One compiled function for all objects (points and symmetries gathered per instance).
+    ``symmetric_obj_ids``: the objects scored with ADD-S in ADD(-S) (default: those whose
+    models_info declares a symmetry; YCB-V's protocol, PoseCNN's, uses 13, 16, 19, 20, 21 only).
+    MSPD always uses every declared symmetry (BOP).
     """
     R = np.asarray(result[f"R_{prefix}" if prefix else "R"], np.float32)
     t = np.asarray(result[f"t_{prefix}" if prefix else "t"], np.float32)
@@ -280,7 +321,10 @@ def compute_errors(result: Mapping[str, np.ndarray], models, *, image_width: flo
     R = np.where(ok[:, None, None], R, np.eye(3, dtype=np.float32))
     t = np.where(ok[:, None], t, np.float32([0.0, 0.0, 1000.0]))
     sym_R, sym_t = _padded_symmetries(models)
-    symmetric = np.asarray(models.symmetric)[oi]
+    if symmetric_obj_ids is None:
+        symmetric = np.asarray(models.symmetric)[oi]
+    else:
+        symmetric = np.isin(np.asarray(models.obj_ids)[oi], np.asarray(list(symmetric_obj_ids), int))
     errs = _errors_core(R, t, np.asarray(result["R_gt"], np.float32),
                         np.asarray(result["t_gt"], np.float32), np.asarray(result["K"], np.float32),
                         np.asarray(models.points, np.float32)[oi], symmetric, sym_R[oi], sym_t[oi])
@@ -303,7 +347,9 @@ def summarize(result: Mapping[str, np.ndarray], errors: Mapping[str, np.ndarray]
     """Scores in percent: per object (keys = obj_id as str) and ``mean`` over objects.
 
     ``add_s_0.1d``: ADD(-S) recall at 0.1 d (ADD-S for symmetric objects; the paper's LM-O
-    number); ``auc_add_s`` / ``auc_add_or_add_s``: AUC up to 100 mm; ``ar_mspd``: BOP19
+    number); ``auc_add_s`` / ``auc_add_or_add_s``: AUC up to 100 mm (continuous, the
+    YCB-Video toolbox's); ``auc_add_s_p11`` / ``auc_add_or_add_s_p11``: the same in the
+    "11-point" form (:func:`lcpose.metrics.auc_11point`); ``ar_mspd``: BOP19
     AR_MSPD over all instances (a number) and ``ar_mspd_per_object``; ``re_deg`` / ``te_mm``:
     median errors; ``count``: instances per object. With ``errors_ransac`` also
     ``add_s_0.1d_ransac`` (the RANSAC pose alone).
@@ -321,6 +367,8 @@ def summarize(result: Mapping[str, np.ndarray], errors: Mapping[str, np.ndarray]
         "add_s_0.1d": per_object(lambda er, m: _pct(M.add_recall(er["add_or_add_s"][m], er["diameter"][m]))),
         "auc_add_s": per_object(lambda er, m: _pct(M.auc(er["add_s"][m], 100.0))),
         "auc_add_or_add_s": per_object(lambda er, m: _pct(M.auc(er["add_or_add_s"][m], 100.0))),
+        "auc_add_s_p11": per_object(lambda er, m: _pct(M.auc_11point(er["add_s"][m], 100.0))),
+        "auc_add_or_add_s_p11": per_object(lambda er, m: _pct(M.auc_11point(er["add_or_add_s"][m], 100.0))),
         "ar_mspd": _pct(M.ar_mspd(e["mspd"], e["image_width"])),
         "ar_mspd_per_object": per_object(lambda er, m: _pct(M.ar_mspd(er["mspd"][m], er["image_width"][m]))),
         "re_deg_median": per_object(lambda er, m: round(float(np.median(er["re_deg"][m])), 2)),
@@ -335,16 +383,31 @@ def summarize(result: Mapping[str, np.ndarray], errors: Mapping[str, np.ndarray]
     return s
 
 
+# Per-object columns of the YCB-V table (the paper's Table 2): summary key -> column label.
+YCBV_METRICS = (("add_s_0.1d", "ADD(-S)"), ("auc_add_s", "AUC ADD-S"),
+                ("auc_add_or_add_s", "AUC ADD(-S)"), ("auc_add_s_p11", "AUC ADD-S p11"),
+                ("auc_add_or_add_s_p11", "AUC ADD(-S) p11"))
+
+
 def format_table(summaries: Mapping[str, dict], *, title: str = "ADD(-S) 0.1d [%]",
-                 use_rich: Optional[bool] = None) -> str:
+                 use_rich: Optional[bool] = None, metrics=None) -> str:
     """A table with one row per object and one column per variant (``{variant: summarize(...)}``).
 
     Rows: each object's ADD(-S) 0.1d, their mean, the AUC of ADD(-S) to 10 cm, AR_MSPD and
     the RANSAC-only ADD(-S) mean (when available).
+    ``metrics``: ((summary key, label), ...), e.g. :data:`YCBV_METRICS`: instead one column per
+    variant and metric, rows = objects and their mean (the YCB-V table).
     Rendered with rich when installed (``use_rich``), plain text otherwise.
     """
     names = list(summaries)
     objs = sorted({k for s in summaries.values() for k in s["add_s_0.1d"] if k != "mean"}, key=int)
+    if metrics is not None:
+        cols = [(n, key) for n in names for key, _ in metrics]
+        header = [""] + [f"{n}: {label}" if len(names) > 1 else label
+                         for n in names for _, label in metrics]
+        rows = [[f"obj {o}"] + [_fmt(summaries[n].get(key, {}).get(o)) for n, key in cols] for o in objs]
+        rows.append(["mean"] + [_fmt(summaries[n].get(key, {}).get("mean")) for n, key in cols])
+        return _render_table(title, header, rows, len(objs), use_rich)
     rows = [[f"obj {o}"] + [_fmt(summaries[n]["add_s_0.1d"].get(o)) for n in names] for o in objs]
     rows.append(["mean"] + [_fmt(summaries[n]["add_s_0.1d"]["mean"]) for n in names])
     extra = [("AUC ADD(-S) 10cm", lambda s: s["auc_add_or_add_s"]["mean"]),
@@ -353,6 +416,10 @@ def format_table(summaries: Mapping[str, dict], *, title: str = "ADD(-S) 0.1d [%
     for label, fn in extra:
         rows.append([label] + [_fmt(fn(summaries[n])) for n in names])
     header = [""] + names
+    return _render_table(title, header, rows, len(objs), use_rich)
+
+
+def _render_table(title, header, rows, n_objs, use_rich) -> str:
     if use_rich is None:
         try:
             import rich  # noqa: F401
@@ -369,9 +436,9 @@ def format_table(summaries: Mapping[str, dict], *, title: str = "ADD(-S) 0.1d [%
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i == 0 else "right")
         for i, r in enumerate(rows):
-            table.add_row(*r, end_section=(i == len(objs) - 1 or i == len(objs)))
+            table.add_row(*r, end_section=(i == n_objs - 1 or i == n_objs))
         buf = io.StringIO()
-        Console(file=buf, width=max(60, 22 + 14 * len(names)), force_terminal=False).print(table)
+        Console(file=buf, width=max(60, 22 + 14 * (len(header) - 1)), force_terminal=False).print(table)
         return buf.getvalue()
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731

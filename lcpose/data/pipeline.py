@@ -158,6 +158,24 @@ def load_model_table(tfds_dir: str | os.PathLike) -> ModelTable:
                       points=z["points"].astype(np.float32), symmetric=sym, models_info=info)
 
 
+class _Concat:
+    """Random access over several data sources one after the other (picklable)."""
+
+    def __init__(self, sources):
+        self._sources = list(sources)
+        self._starts = np.cumsum([0] + [len(x) for x in self._sources])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i):
+        j = int(np.searchsorted(self._starts, int(i), side="right")) - 1
+        return self._sources[j][int(i) - int(self._starts[j])]
+
+    def __repr__(self) -> str:
+        return f"_Concat({self._sources!r})"
+
+
 class _Subset:
     """A random-access view of some records of a data source (picklable for grain workers)."""
 
@@ -395,7 +413,8 @@ def make_loader(
     Args:
       tfds_dir: the dataset (see `resolve_dataset_dir`), e.g. what
         `lcpose.data.synthetic.ensure_synthetic_tfds()` or ``build_tfds`` returned.
-      split: TFDS split = BOP split name ("train_pbr", "train_real", "test", ...).
+      split: TFDS split = BOP split name ("train_pbr", "train_real", "test", ...); several
+        joined by "+" ("train_pbr+train_real") are read as one (the YCB-V recipe).
       batch_size: examples per batch.
       train: training mode (augmentation, shuffling, infinite repetition) or evaluation.
       seed: 32-bit seed of the order and of every random draw.
@@ -435,18 +454,25 @@ def make_loader(
             raise ValueError(f"{name} must be in [0, 1], got {p}")
     d = resolve_dataset_dir(tfds_dir)
     meta = read_meta(d)
-    if split not in meta["splits"]:
-        raise ValueError(f"split {split!r} not in {d} (has: {', '.join(sorted(meta['splits'])) or 'none'})")
+    parts = [p for p in split.split("+") if p]
+    for part in parts or [split]:
+        if part not in meta["splits"]:
+            raise ValueError(f"split {part!r} not in {d} (has: {', '.join(sorted(meta['splits'])) or 'none'})")
     store = meta["params"]
     if train and dzi.reach > store["window_factor"] + 1e-9:
         raise ValueError(
             f"dzi reaches {dzi.reach:.3f} x the box size but {d} stores windows of {store['window_factor']} x; "
             "rebuild the dataset with a larger StoreConfig.window_factor"
         )
-    idx_path = os.path.join(d, f"lcpose_index-{split}.npz")
-    if not os.path.isfile(idx_path):
-        raise FileNotFoundError(f"lcpose split index not found: {idx_path}")
-    index_arrays = np.load(idx_path)
+    index_arrays = {}
+    for part in parts:
+        idx_path = os.path.join(d, f"lcpose_index-{part}.npz")
+        if not os.path.isfile(idx_path):
+            raise FileNotFoundError(f"lcpose split index not found: {idx_path}")
+        z = np.load(idx_path)
+        for k in ("visib_fract", "obj_id"):
+            index_arrays.setdefault(k, []).append(z[k])
+    index_arrays = {k: np.concatenate(v) for k, v in index_arrays.items()}
     if min_visib_fract is None:
         min_visib_fract = 0.3 if train else 0.0
     keep = index_arrays["visib_fract"] >= min_visib_fract
@@ -470,8 +496,9 @@ def make_loader(
         kp_ids, kpts = ensure_keypoints(d, keypoints)
         if not np.array_equal(kp_ids, models.obj_ids):
             raise ValueError(f"keypoints of {d} cover objects {kp_ids.tolist()}, the model table {models.obj_ids.tolist()}")
-    source = tfds.builder_from_directory(d).as_data_source(split=split)
-    data = _Subset(source, indices)
+    builder = tfds.builder_from_directory(d)
+    sources = [builder.as_data_source(split=part) for part in parts]
+    data = _Subset(sources[0] if len(sources) == 1 else _Concat(sources), indices)
     cfg = _CropConfig(
         train=bool(train), boxes=boxes, dzi=dzi, input_size=int(input_size), output_size=int(output_size),
         color_prob=float(color_aug_prob), bg_prob=float(bg_switch_prob),

@@ -51,7 +51,8 @@ import numpy as np
 from lcpose.data import bop
 from lcpose.data.crops import DZIConfig, bbox_center_size, resize_affine
 
-__all__ = ["StoreConfig", "features", "FEATURES_DOC", "build_tfds", "dataset_dir", "read_meta", "DATASET_VERSION"]
+__all__ = ["StoreConfig", "features", "FEATURES_DOC", "build_tfds", "dataset_dir", "read_meta", "read_image_list",
+           "DATASET_VERSION"]
 
 DATASET_VERSION = "1.0.0"
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -318,14 +319,42 @@ def _warn_unboxed(detections, dets, split, tasks):
                       f"without a box (each counts as a miss)", stacklevel=3)
 
 
-def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stride, min_visib_fract):
+def read_image_list(path: str | os.PathLike) -> dict[int, list[int]]:
+    """{scene_id: [im_id, ...]} from a list of test images, one per line.
+
+    The last two integers of a line are (scene_id, im_id), so the LC reference's lists
+    (``test/000048/rgb/000001.png``), the YCB-Video toolbox's ``keyframe.txt`` (``0048/000001``)
+    and plain ``48 1`` lines all work; empty lines and lines starting with # are skipped.
+    """
+    import re
+
+    out: dict[int, list[int]] = {}
+    with open(os.fspath(path)) as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            nums = re.findall(r"\d+", line)
+            if len(nums) < 2:
+                raise bop.BopFormatError(f"{path}:{n}: expected a scene id and an image id, got {line!r}")
+            out.setdefault(int(nums[-2]), []).append(int(nums[-1]))
+    if not out:
+        raise bop.BopFormatError(f"{path}: no images listed")
+    return out
+
+
+def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stride, min_visib_fract,
+           test_list=None):
     """[(rgb path, [instance dicts])] for one split."""
     spec = bop.DATASETS[dataset]
     root = bop_root
     targets = None
     scene_ids = None
     im_ids = None
-    if split == spec["test_split"]:
+    if split == spec["test_split"] and test_list is not None:
+        im_ids = read_image_list(test_list)      # every instance of the listed images
+        scene_ids = sorted(im_ids)
+    elif split == spec["test_split"]:
         tpath = os.path.join(bop_root, spec["test_targets"])
         if os.path.isfile(tpath):
             targets = bop.load_test_targets(bop_root, spec["test_targets"])
@@ -348,7 +377,7 @@ def _tasks(bop_root, dataset, split, *, lm_root, detections, obj_ids, image_stri
                                                  scene_ids=scene_ids, im_ids=im_ids):
         if from_lm:
             insts = [i for i in insts if i.obj_id == scene.scene_id]  # only the scene's object is annotated
-        if image_stride > 1 and im_id % image_stride:
+        if image_stride > 1 and im_id % image_stride and test_list is None:   # a list is kept whole
             continue
         matched = bop.match_detections(insts, dets.get((scene.scene_id, im_id), [])) if dets else [None] * len(insts)
         lst = []
@@ -490,6 +519,7 @@ def build_tfds(
     *,
     lm_root: str | os.PathLike | None = None,
     detections: str | os.PathLike | None = None,
+    test_list: str | os.PathLike | None = None,
     obj_ids: Sequence[int] | None = None,
     image_stride: int = 1,
     min_visib_fract: float | None = None,
@@ -507,6 +537,9 @@ def build_tfds(
         restricted to ``image_set/<name>_train.txt`` when that folder exists).
       detections: detection file (GDR-Net or BOP'22 json) for the test split; for the
         synthetic set it defaults to ``<bop_root>/detections_test.json``.
+      test_list: a list of test images (`read_image_list`, e.g. the 2949 YCB-V keyframes of
+        GDR-Net / the LC paper): the test split holds every instance of those images instead of
+        the BOP-19 test targets. Recorded in the split's metadata.
       obj_ids: objects to keep (default: the dataset's, e.g. LM-O's eight).
       image_stride: keep every n-th image of each scene (subsample large splits).
       min_visib_fract: instances less visible are not stored (default 0.1 for training
@@ -573,7 +606,8 @@ def build_tfds(
         t0 = time.time()
         mvf = min_visib_fract if min_visib_fract is not None else (0.0 if split == spec["test_split"] else 0.1)
         tasks, n_skipped = _tasks(bop_root, dataset, split, lm_root=None if lm_root is None else os.fspath(lm_root),
-                                  detections=detections, obj_ids=obj_ids, image_stride=image_stride, min_visib_fract=mvf)
+                                  detections=detections, obj_ids=obj_ids, image_stride=image_stride, min_visib_fract=mvf,
+                                  test_list=test_list if split == spec["test_split"] else None)
         if not tasks:
             raise ValueError(f"split {split!r} of {bop_root} has no instances of objects {obj_ids} to convert")
         shard_lengths, num_bytes = _write_split(ds_dir, name, split, tasks, workers, progress, init_args)
@@ -583,6 +617,7 @@ def build_tfds(
             if split == spec["test_split"] else None,
             min_visib_fract=mvf, shard_lengths=shard_lengths, num_bytes=num_bytes,
             detections=None if detections is None or split != spec["test_split"] else os.path.abspath(detections),
+            test_list=None if test_list is None or split != spec["test_split"] else os.path.abspath(test_list),
             seconds=round(time.time() - t0, 1),
         )
         _write_tfds_metadata(ds_dir, name, meta["splits"], store.image_format)

@@ -419,6 +419,14 @@ def decode_test(outputs, example, cfg):
     return select_top_weights(xyz_mm, outputs["w2d"], mask, cfg.fraction)
 
 
+def predicted_xyz_mm(outputs, example):
+    """The predicted object-coordinate map in mm (h, w, 3), by the example's ``bbox3d`` (what the
+    symmetry-aware ground truth, :mod:`lcpose.symmetry`, compares with the candidates)."""
+    dtype = outputs["xyz"].dtype
+    extent, center = box_extent_center(jnp.asarray(example["bbox3d"], dtype))
+    return xyz_to_mm(outputs["xyz"], extent, center)
+
+
 def _weight_bce(outputs, example):
     wl = outputs["weight_logits"]
     m = jnp.asarray(example["mask_visib"], wl.dtype)[..., None]
@@ -459,4 +467,4 @@ def pose_warmup_loss(outputs, example, cfg):
 
 
 __all__ += ["EXAMPLE_KEYS", "build", "map_size", "train_correspondences", "decode_train",
-            "decode_test", "surrogate_loss", "pose_warmup_loss"]
+            "decode_test", "surrogate_loss", "pose_warmup_loss", "predicted_xyz_mm"]

@@ -77,7 +77,7 @@ from lcpose.models.resnet import output_stride
 __all__ = [
     "ZebraNet", "PRESETS", "EXAMPLE_KEYS", "build", "map_size", "decode_train", "decode_test",
     "surrogate_loss", "pose_warmup_loss", "example_codes", "select_in_mask_quantile",
-    "object_overrides",
+    "object_overrides", "predicted_xyz_mm",
 ]
 
 # Batch keys the head reads in training (besides lcpose.models.registry.BASE_EXAMPLE_KEYS).
@@ -228,15 +228,20 @@ def decode_train(key, outputs, example, cfg):
     return corr, {"xyz": xyz}
 
 
+def predicted_xyz_mm(outputs, example):
+    """The coordinate map (h, w, 3) in mm decoded from the bit logits without ground truth (what
+    the symmetry-aware ground truth and the coordinate error compare)."""
+    logits = outputs["code_logits"]
+    extent, center = box_extent_center(jnp.asarray(example["bbox3d"], logits.dtype))
+    return xyz_to_mm(bc.decode_without_gt(logits, bc.bit_counts(extent, bc.N_BITS)), extent, center)
+
+
 def decode_test(outputs, example, cfg):
     """Test points (a PnPConfig ``cfg``): coordinates decoded without ground truth, in mm by
     ``bbox3d``; with ``cfg.use_mask`` :func:`select_in_mask_quantile` keeping ``cfg.fraction`` of
     the predicted-mask pixels (0.8 = the official quantile 0.2), else the top ``cfg.fraction``
     of all pixels by weight."""
-    logits = outputs["code_logits"]
-    extent, center = box_extent_center(jnp.asarray(example["bbox3d"], logits.dtype))
-    xyz = bc.decode_without_gt(logits, bc.bit_counts(extent, bc.N_BITS))
-    xyz_mm = xyz_to_mm(xyz, extent, center)
+    xyz_mm = predicted_xyz_mm(outputs, example)
     if cfg.use_mask:
         mask = jax.nn.sigmoid(outputs["mask_logits"][..., 0])
         return select_in_mask_quantile(xyz_mm, outputs["w2d"], mask, cfg.fraction)

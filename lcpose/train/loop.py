@@ -41,6 +41,7 @@ import jax
 import optax
 
 from lcpose.train.checkpoint import Checkpointer
+from lcpose.symmetry import SYMMETRY_KEYS, SymmetryConfig, symmetry_table
 from lcpose.train.objective import ObjectiveConfig, make_objective, uses_scale_branch
 from lcpose.train.optim import flat_cosine_schedule, ranger
 from lcpose.train.progress import ProgressLogger
@@ -294,6 +295,10 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
                          rotate_prob=cfg.rotate_prob, rotate_max_deg=cfg.rotate_max_deg,
                          **loader_kwargs(model))
     tx, _, p_step = _compiled_step(model, objective, _step_key(cfg))
+    sym_table = None
+    if objective.symmetry is not None:       # symmetry-aware ground truth: per-example candidates
+        sym_table = _symmetry_table(loader.models, objective.symmetry, cfg.obj_ids)
+        keys = tuple(keys) + tuple(k for k in ("xyz", "mask_visib", "R", "t") + SYMMETRY_KEYS if k not in keys)
 
     run_meta = _meta(cfg, objective, tfds_dir, meta)
     config_path = os.path.join(workdir, CONFIG_FILE)
@@ -337,6 +342,8 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     try:
         for s in range(start, end):
             batch = next(it)
+            if sym_table is not None:
+                batch.update(sym_table.gather(batch["obj_index"]))
             batch = shard_batch({k: batch[k] for k in keys}, n_dev)
             state, metrics = p_step(state, batch)
             if s == start:
@@ -365,6 +372,19 @@ def train(tfds_dir, workdir, cfg: TrainConfig, objective: ObjectiveConfig, *,
     eval_model = model.clone(axis_name=None)
     return TrainResult(state=host_state, model=eval_model, steps=end, train_seconds=seconds,
                        compile_seconds=compile_seconds, history=list(log.history), workdir=workdir)
+
+
+def _symmetry_table(models, sym: SymmetryConfig, obj_ids):
+    """The padded candidates of the dataset's objects; only the trained ones (``obj_ids``, None:
+    all) among ``sym.obj_ids`` (None: those declaring a symmetry) get their symmetries, so S is
+    that of the trained objects."""
+    chosen = [int(o) for o in models.obj_ids
+              if (sym.obj_ids is None and models.symmetric[models.index_of(o)])
+              or (sym.obj_ids is not None and int(o) in sym.obj_ids)]
+    if obj_ids is not None:
+        chosen = [o for o in chosen if o in set(obj_ids)]
+    return symmetry_table(models.models_info, models.obj_ids, symmetric_obj_ids=chosen,
+                          continuous_steps=sym.continuous_steps)
 
 
 def config_from_meta(meta: dict):

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ from lcpose.geometry import box_extent_center
 from lcpose.losses.registry import POSE_LOSSES, PoseLossInputs, get_pose_loss
 from lcpose.metrics import gradient_correct_mask
 from lcpose.models.registry import model_module
+from lcpose.symmetry import SymmetryConfig, symmetry_aware_batch
 
 __all__ = [
     "ObjectiveConfig",
@@ -121,6 +122,10 @@ class ObjectiveConfig:
       "quantile_in_mask" selection). Used by the CPU configuration, where the LC loss otherwise
       puts part of the weight on background pixels that do not carry over to test crops
       (BUILD.md, "The main job").
+    symmetry: symmetry-aware ground truth (:class:`lcpose.symmetry.SymmetryConfig`; None: off,
+      the LC paper uses it for YCB-V only): before every loss the annotated pose and xyz
+      target of a symmetric object are replaced by the equivalent nearest to the prediction.
+      The batch then needs the keys ``lcpose.symmetry.SYMMETRY_KEYS`` (the train loop adds them).
     """
 
     pose_loss: str = "lc"
@@ -134,6 +139,7 @@ class ObjectiveConfig:
     grad_metric_every: int = 0
     xyz_norm: str = "all"
     pose_points: str = "all"
+    symmetry: Optional[SymmetryConfig] = None
 
     def __post_init__(self):
         if self.pose_loss not in POSE_LOSSES:
@@ -155,6 +161,10 @@ class ObjectiveConfig:
         if self.xyz_norm not in ("all", "mask"):
             raise ValueError(f"xyz_norm must be 'all' or 'mask', got {self.xyz_norm!r}")
         check_pose_points(self.pose_points)
+        if isinstance(self.symmetry, Mapping):        # from a saved configuration (JSON)
+            object.__setattr__(self, "symmetry", SymmetryConfig(**self.symmetry))
+        if self.symmetry is not None and not isinstance(self.symmetry, SymmetryConfig):
+            raise ValueError(f"symmetry must be a SymmetryConfig or None, got {self.symmetry!r}")
         object.__setattr__(self, "loss_kwargs", _items(self.loss_kwargs))
         if self.pose_loss == "none" and self.loss_kwargs:
             raise ValueError("loss_kwargs given but pose_loss='none'")
@@ -219,21 +229,36 @@ def make_objective(cfg: ObjectiveConfig, head="gdrnet"):
     ``loss/mask``, ``loss/weight_bce``, ``log_scale``), ``loss/pose`` (the unweighted pose
     loss, batch mean), ``pose_blend`` (f), ``pose_nonfinite`` (examples whose pose loss was
     not finite; they contribute 0), the pose loss's metrics (LC: ``lc/e_cov``, ``lc/e_prior``,
-    ``lc/e_linear``, batch means), and ``grad_correct`` (see the module docstring).
+    ``lc/e_linear``, batch means), and ``grad_correct`` (see the module docstring). With
+    ``cfg.symmetry``, the batch's "xyz", "R", "t" are first re-mapped to the selected symmetric
+    equivalent (:func:`lcpose.symmetry.symmetry_aware_batch`; the head must define
+    ``predicted_xyz_mm``), and ``sym/switched`` / ``sym/error_mm`` are logged.
     """
     mod = model_module(head)
     pose = get_pose_loss(cfg.pose_loss)
     kw = cfg.kwargs
     warmup = getattr(mod, "pose_warmup_loss", None)
     every = int(cfg.grad_metric_every)
+    xyz_of = getattr(mod, "predicted_xyz_mm", None)
+    if cfg.symmetry is not None and xyz_of is None:
+        raise ValueError(f"symmetry-aware ground truth (ObjectiveConfig.symmetry) needs the head's "
+                         f"predicted_xyz_mm(outputs, example); {mod.__name__} has none")
 
     def per_example_pose(inputs):
         return jax.vmap(lambda i: pose.fn(i, **kw))(inputs)
 
     def loss_fn(outputs, batch, rng, step):
+        sym_metrics = {}
+        if cfg.symmetry is not None:
+            # Symmetry-aware ground truth: "xyz", "R", "t" re-mapped before every loss (its own
+            # key, so the other random draws are those of a run without it).
+            batch, sym_metrics = symmetry_aware_batch(
+                jax.random.fold_in(rng, 0x5E7), batch, jax.vmap(xyz_of)(outputs, batch), step,
+                cfg.symmetry)
         sur_b, sur_metrics = jax.vmap(lambda o, e: mod.surrogate_loss(o, e, cfg))(outputs, batch)
         loss = jnp.mean(sur_b)
         metrics = {k: jnp.mean(v) for k, v in sur_metrics.items()}
+        metrics.update(sym_metrics)
         dtype = sur_b.dtype
         l_warm = (jnp.mean(jax.vmap(lambda o, e: warmup(o, e, cfg))(outputs, batch))
                   if warmup is not None else jnp.zeros((), dtype))
