@@ -131,8 +131,11 @@ def ensure_efficientnet_lite0(out_dir: Optional[str] = None) -> str:
     """Folder of the converted encoder in the lcpose cache, converting the package's file once."""
     from lcpose.models.pretrained import ENCODER_FILE
 
+    from lcpose.data.synthetic import check_writable
+
     out_dir = out_dir or default_out_dir()
     if not os.path.isfile(os.path.join(out_dir, ENCODER_FILE)):
+        check_writable(out_dir)   # CacheNotWritableError naming the folder (and LCPOSE_CACHE)
         convert(None, out_dir)
     return out_dir
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from experiments.config import CONFIGS
-from experiments.lmo_gdr import _config, parse_args
+from experiments.lmo_gdr import UsageError, _config, parse_args
 from experiments.overrides import apply_overrides, config_to_json, parse_value
 
 
@@ -41,7 +41,7 @@ def test_flags_then_set_and_objects_in_one_place():
                               "--set", "boxes=gt"]))
     assert cfg.objects == (1, 5) and cfg.train.obj_ids is None           # --obj sets objects only
     assert cfg.train.total_steps == 40 and cfg.boxes == "gt"              # --set comes last
-    with pytest.raises(SystemExit, match="unknown variants"):
+    with pytest.raises(UsageError, match="--variants: unknown"):
         _config(parse_args(["--set", "variants=lc,nope"]))
     # a train.obj_ids given alone moves to objects; two different lists are refused
     moved = CONFIGS["paper"].with_train(obj_ids=(8,))
