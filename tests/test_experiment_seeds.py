@@ -31,7 +31,7 @@ def test_seed_summary_mean_spread_and_gain():
 def test_cpu_long_config_and_curve_steps(tmp_path):
     long, cpu = CONFIGS["cpu-long"], CONFIGS["cpu"]
     assert long.seeds == (0, 1, 2) and long.train.total_steps > cpu.train.total_steps
-    assert cpu.curve_points > 0 and cpu.train.pretrained == "efficientnet_lite0"
+    assert cpu.curve_points > 0 and CONFIGS["cpu-pretrained"].train.pretrained == "efficientnet_lite0"
     for step in (100, 300, 200):
         os.makedirs(tmp_path / "ckpt" / str(step))
     os.makedirs(tmp_path / "ckpt" / "tmp_save")
