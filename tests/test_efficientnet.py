@@ -69,3 +69,21 @@ def test_converter_maps_every_tensor_and_checks_shapes(classifier_variables, tmp
     inter = net.apply(variables, x, capture_intermediates=lambda m, _: m.name == "encoder")[1]
     np.testing.assert_allclose(np.asarray(inter["intermediates"]["encoder"]["__call__"][0]), np.asarray(feats),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,stride,size,same", [(3, 1, 9, True), (3, 2, 9, True), (5, 2, 8, True), (5, 1, 7, False),
+                                                (3, 2, 7, False)])
+def test_shifted_depthwise_conv_equals_grouped_convolution(k, stride, size, same):
+    # The CPU form of the depthwise layer (a sum of shifted slices) is the grouped convolution, in
+    # values and in both gradients, for TF "SAME" (odd and even sizes, strides 1 and 2) and symmetric padding.
+    from lcpose.models.efficientnet import DepthwiseConv
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size + 1, 6), jnp.float64)
+    outs = {}
+    for impl in ("shifted", "grouped"):
+        layer = DepthwiseConv(k, stride, tf_same_padding=same, impl=impl)
+        v = layer.init(jax.random.PRNGKey(1), x)
+        f = lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x)))
+        outs[impl] = (layer.apply(v, x), jax.grad(f, argnums=(0, 1))(v, x))
+    np.testing.assert_allclose(outs["shifted"][0], outs["grouped"][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(outs["shifted"][1]), jax.tree_util.tree_leaves(outs["grouped"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
