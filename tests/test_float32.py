@@ -201,12 +201,9 @@ def _solve_probe(x3d, x2d, w, K, valid, R0, t0, cR, ct):
 _solve_vg = jax.jit(jax.vmap(jax.value_and_grad(_solve_probe, argnums=(0, 1, 2), has_aux=True)))
 
 
-# Known bug (issue 12, open): float32 LM stops at its first "decrease below what the cost can
-# resolve" step, 0.03-0.44 mm from float64's optimum (float64 restarted there moves < 2e-4 mm),
-# so cov differs by 1-3 % (4e-4 when float32 is restarted at float64's pose). Converging only on
-# a small accepted step fixes it (cov 4e-4, t 1e-3 mm) but costs 1.5-2x LM iterations; not yet
-# measured on the main job.
-@pytest.mark.xfail(strict=True, reason="float32 LM stops early (issue 12)")
+# float32 LM used to stop at its first "decrease below what the cost can resolve" step, 0.03-0.44 mm
+# from float64's optimum, so cov differed by 1-3 % and EPro-PnP's l_reg_t by 3 %: float32 now stops
+# on a small accepted step (lcpose.pnp.solver._levenberg_marquardt).
 def test_solve_cov_and_vjp_float32_match_float64():
     rng = np.random.default_rng(1)
     B = S["x2d"].shape[0]
@@ -242,7 +239,6 @@ def _epro_det(x2d, x3d, w, K, R, t, valid):
 _epro_vg = jax.jit(jax.vmap(jax.value_and_grad(_epro_det, argnums=(0, 1, 2), has_aux=True)))
 
 
-@pytest.mark.xfail(strict=True, reason="float32 LM stops early (issue 12): l_reg_t 3 % off")
 def test_epropnp_deterministic_terms_float32_match_float64():
     names = ("x2d", "x3d", "w2d", "K", "R", "t", "valid")
     (_, t32), g32 = _epro_vg(*_args(F32, *names))

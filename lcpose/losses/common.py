@@ -84,9 +84,13 @@ def rotation_cosine_distance(R, R_gt):
     """1 - cos(angle of R_gt^T R) = (3 - tr(R_gt^T R)) / 2, in [0, 2].
 
     Equal to 2 (1 - <q, q_gt>^2), the orientation term of EPro-PnP's derivative regularisation,
-    without quaternions (and without their sign ambiguity).
+    without quaternions (and without their sign ambiguity). Computed as ||R - R_gt||_F^2 / 4, which
+    equals it for rotations: 3 - tr(.) cancels in float32 (for 0.3 deg, 1e-5 of 3, i.e. 1 % of
+    the value), the squared differences do not. On the rotation manifold (R = R0 exp([w]x)) the
+    derivative is that of (3 - tr)/2 as well, since tr(R^T R [w]x) = 0.
     """
-    return 0.5 * (3.0 - jnp.sum(R * R_gt))
+    d = R - R_gt
+    return 0.25 * jnp.sum(d * d)
 
 
 def adaptive_huber_delta(x2d, w2, valid_f, relative_delta):
