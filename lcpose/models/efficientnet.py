@@ -109,7 +109,7 @@ class DepthwiseConv(nn.Module):
     ``impl="auto"`` uses `depthwise_conv_shifted` on CPU and XLA's grouped convolution elsewhere
     (cuDNN has dedicated depthwise kernels). Measured on the 2-core CPU, B = 16, fwd+bwd of one
     layer: 64x64x96 3x3/2 642 -> 115 ms, 8x8x672 5x5/2 255 -> 10 ms; the whole Lite0 encoder at
-    128 px, see BUILD.md.
+    128 px: 4.1 -> 0.76 s.
     """
 
     kernel_size: int
@@ -220,4 +220,5 @@ class EfficientNetLite0(nn.Module):
 
 
 __all__ = ["EFFICIENTNET_MEAN", "EFFICIENTNET_STD", "EfficientNetLite0", "FEATURE_CHANNELS",
-           "DepthwiseConv", "HEAD_CHANNELS", "LITE0_STAGES", "MBConvLite", "STEM_CHANNELS", "depthwise_conv_shifted", "lite0_blocks"]
+           "DepthwiseConv", "HEAD_CHANNELS", "LITE0_STAGES", "MBConvLite", "STEM_CHANNELS",
+           "depthwise_conv_shifted", "lite0_blocks"]
