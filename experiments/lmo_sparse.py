@@ -73,6 +73,8 @@ CPU = ExperimentConfig(
     # one small network per object as in the main job's CPU default (object 5)
     per_object=True,
     objects=(5,),
+    # the main job's 200 test images (~130 instances of object 5)
+    synthetic=(("test_images", 200),),
     eval_batch_size=32,
     boxes="detections",
     # threshold in pixels of the 16x16 output grid (2 px of the paper's 64x64 grid)

@@ -96,8 +96,9 @@ def top_weight_correspondences(xyz_map, w2d_map, mask=None, fraction: float = 0.
 
     Pixels are ranked by the mean of their two weights (`score="mean"`) or by their product
     (`score="product"`); ties go to the lower row-major index. If `mask` (H, W) is given
-    (bool, or a probability thresholded at 0.5), pixels outside it rank below all pixels inside
-    and are flagged invalid when selected (fewer visible pixels than N). Pixels with non-finite
+    (bool, or a probability thresholded at 0.5), ``fraction`` is of the pixels inside it (the
+    reference's "quantile_in_mask": the top ceil(fraction x visible pixels) by weight are valid),
+    and pixels outside it rank below all pixels inside and are flagged invalid. Pixels with non-finite
     or non-positive weights likewise. Invalid selections return zeros for x3d and w2d.
     Gradients flow to the selected xyz and weights.
 
@@ -124,16 +125,32 @@ def top_weight_correspondences(xyz_map, w2d_map, mask=None, fraction: float = 0.
     dtype = xyz_map.dtype if jnp.issubdtype(xyz_map.dtype, jnp.floating) else jnp.float32
     uv = pixel_grid(h, w, dtype).reshape(-1, 2)
     valid = ok[idx]
+    if mask is not None:
+        # N = ceil(fraction H W) is the static bound; the top ceil(fraction x in-mask pixels)
+        # are kept (the 1e-3 absorbs float32 rounding of an exact product)
+        n_in = jnp.sum(mask if mask.dtype == jnp.bool_ else mask > 0.5).astype(jnp.float32)
+        n_sel = jnp.ceil(jnp.float32(fraction) * n_in - 1e-3)
+        valid = valid & (jnp.arange(n_keep) < n_sel)
     # Invalid selections carry finite zeros (never NaN) so a solver may ignore them by mask or weight.
     x3d = jnp.where(valid[:, None], xyz_map.reshape(-1, 3)[idx], 0)
     w2d = jnp.where(valid[:, None], wf[idx], 0)
     return x3d, uv[idx], w2d, valid
 
 
-def sample_grid(key, xyz_map, w2d_map, stride: int = 2) -> Correspondences:
-    """`dense_grid_correspondences` as a `Correspondences` (every point valid)."""
+def sample_grid(key, xyz_map, w2d_map, stride: int = 2, mask=None) -> Correspondences:
+    """`dense_grid_correspondences` as a `Correspondences`: every point valid, or, with
+    ``mask`` (H, W), those on pixels where mask > 0.5 (read at the sampled pixels)."""
     x3d, x2d, w2d = dense_grid_correspondences(key, xyz_map, w2d_map, stride)
-    return Correspondences(x2d=x2d, x3d=x3d, w2d=w2d, valid=jnp.ones(x2d.shape[:1], bool))
+    if mask is None:
+        valid = jnp.ones(x2d.shape[:1], bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != xyz_map.shape[:2]:
+            raise ValueError(f"mask must have the map's shape {xyz_map.shape[:2]}, got {mask.shape}")
+        # x2d holds the sampled pixels' integer (u, v) exactly
+        u, v = (jnp.round(x2d[:, i]).astype(jnp.int32) for i in (0, 1))
+        valid = (mask[v, u] if mask.dtype == jnp.bool_ else mask[v, u] > 0.5)
+    return Correspondences(x2d=x2d, x3d=x3d, w2d=w2d, valid=valid)
 
 
 def select_top_weights(xyz_map, w2d_map, mask=None, fraction: float = 0.3,

@@ -64,7 +64,9 @@ PREDICT_KEYS = ("R", "t", "converged", "R_ransac", "t_ransac", "inliers")
 class PnPConfig:
     """Test-time PnP (hashable).
 
-    fraction: share of the output pixels kept by weight (0.3).
+    fraction: share of the output pixels kept by weight (0.3); with ``use_mask``, of the pixels
+      in the predicted mask. The reference's ``quantile`` q keeps the top 1 - q: its GDR-Net
+      LM-O setting (0.3) is fraction 0.7, its ZebraPose one (0.2, in the mask) 0.8.
     solver: the test-time solver, a name of :mod:`lcpose.pnp.registry` ("weighted": RANSAC
       then weighted LM, the paper's; "ransac": RANSAC alone; "weighted_epnp": weighted LM from
       weighted EPnP).

@@ -9,6 +9,7 @@ from lcpose.correspondences import (
     dense_grid_correspondences,
     num_top_points,
     pixel_grid,
+    sample_grid,
     top_weight_correspondences,
 )
 
@@ -117,11 +118,17 @@ def test_top_weight_mask_and_bad_weights():
     mask[0, :2] = True  # inside the mask, but bad weights
     x3d, x2d, w, valid = _top(xyz, w2d, mask=mask.astype(np.float32))
     x3d, w, valid = map(np.asarray, (x3d, w, valid))
-    assert valid.shape == (77,) and valid.sum() == 54 and valid[:54].all()
-    idx = x3d[valid, 2].astype(int)
-    assert set(idx) == set(np.flatnonzero(mask.reshape(-1)[2:]) + 2)
+    # 56 pixels in the mask: the top ceil(0.3 x 56) = 17 by weight are valid (quantile in mask)
+    assert valid.shape == (77,) and valid.sum() == 17 and valid[:17].all()
+    inside = np.flatnonzero(mask.reshape(-1)[2:]) + 2                       # the 54 good ones
+    score = w2d.reshape(-1, 2).mean(-1)
+    top17 = inside[np.argsort(-score[inside], kind="stable")[:17]]
+    assert set(x3d[valid, 2].astype(int)) == set(top17)
     assert np.all(np.isfinite(x3d)) and np.all(np.isfinite(w))
     assert np.all(w[~valid] == 0) and np.all(x3d[~valid] == 0)
+    # fraction 1: every good pixel of the mask (N = 256 >= 54)
+    _, _, _, valid_all = _top(xyz, w2d, mask=mask, fraction=1.0)
+    assert int(np.sum(valid_all)) == 54
 
 
 def test_top_weight_vmap_and_gradient():
@@ -132,3 +139,21 @@ def test_top_weight_vmap_and_gradient():
     assert x3d.shape == (2, 32, 3) and bool(valid.all())
     g = jax.jit(jax.grad(lambda m: top_weight_correspondences(xyz, m, fraction=0.5)[2].sum()))(jnp.asarray(w2d))
     assert float(g.sum()) == 64.0  # 32 selected pixels x 2 weights, each with derivative 1
+
+
+def test_sample_grid_mask_marks_the_sampled_pixels_valid():
+    """With a mask, a sampled point is valid exactly when its pixel is inside the mask."""
+    h = w = 8
+    xyz = jnp.arange(h * w * 3, dtype=jnp.float32).reshape(h, w, 3)
+    wts = jnp.ones((h, w, 2))
+    mask = np.zeros((h, w), bool)
+    mask[2:6, 1:4] = True
+    for seed in range(4):
+        c = sample_grid(jax.random.PRNGKey(seed), xyz, wts, stride=2, mask=jnp.asarray(mask))
+        u, v = np.asarray(c.x2d, int).T
+        np.testing.assert_array_equal(np.asarray(c.valid), mask[v, u])
+        float_mask = sample_grid(jax.random.PRNGKey(seed), xyz, wts, stride=2, mask=jnp.asarray(mask, jnp.float32))
+        np.testing.assert_array_equal(np.asarray(float_mask.valid), mask[v, u])
+    assert bool(jnp.all(sample_grid(jax.random.PRNGKey(0), xyz, wts).valid))
+    with pytest.raises(ValueError, match="mask"):
+        sample_grid(jax.random.PRNGKey(0), xyz, wts, mask=jnp.ones((4, 4)))

@@ -63,7 +63,8 @@ def _expected(outputs, batch, lo, hi, step, start, pose_weight=0.02, mask_points
     b = {k: np.asarray(v) for k, v in batch.items()}
     ext, ctr = hi - lo, 0.5 * (lo + hi)
     m = b["mask_visib"][..., None]
-    l_xyz = np.mean(np.abs(o["xyz"] * m - (b["xyz"] - ctr) / ext * m))
+    # in half extents (the reference's [-1, 1] coordinates): twice the error in full extents
+    l_xyz = np.mean(2.0 * np.abs(o["xyz"] * m - (b["xyz"] - ctr) / ext * m))
     l_mask = np.mean(_bce(o["mask_logits"][..., 0], b["mask_visib"]))
     l_wbce = np.mean(_bce(o["weight_logits"], np.broadcast_to(m, o["weight_logits"].shape)))
     v, u = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
@@ -72,9 +73,11 @@ def _expected(outputs, batch, lo, hi, step, start, pose_weight=0.02, mask_points
     for i in range(o["xyz"].shape[0]):
         x3d = (ctr + ext * o["xyz"][i]).reshape(-1, 3)
         w2d = np.asarray(spatial_softmax_weights(o["weight_logits"][i], o["log_scale"][i])).reshape(-1, 2)
-        if mask_points:
-            w2d = w2d * b["mask_visib"][i].reshape(-1, 1)
-        poses.append(float(_lc(x2d, x3d, w2d, b["K_out"][i], b["R"][i], b["t"][i], b["bbox3d"][i]).loss))
+        valid = None
+        if mask_points:   # off the mask: weight 0, and not in the robust statistics
+            valid = b["mask_visib"][i].reshape(-1) > 0.5
+            w2d = w2d * valid[:, None]
+        poses.append(float(_lc(x2d, x3d, w2d, b["K_out"][i], b["R"][i], b["t"][i], b["bbox3d"][i], valid).loss))
     l_pose = np.mean(poses)
     f = min(max((step + 1) / (start + 1e-5), 0.0), 1.0)
     total = l_xyz + 0.25 * l_mask + pose_weight * (f * l_pose + (1 - f) * l_wbce)
@@ -210,6 +213,11 @@ def test_experiment_configs_objectives():
     assert objective_for(CONFIGS["cpu-pretrained"], "lc", 100).pose_loss_nonzero_step == 30   # --steps scales it
     assert CONFIGS["cpu"].pnp.use_mask and not CONFIGS["paper"].pnp.use_mask
     assert objective_for(CONFIGS["cpu"], "baseline", 2400).pose_loss == "none"
+    # the official residual clamp (32 px on 64x64) is half the output map; stride 1 on 16x16
+    assert paper.kwargs["residual_clamp"] == 32.0 and paper.stride == 2
+    cpu_lc = objective_for(CONFIGS["cpu"], "lc", 2400)
+    assert cpu_lc.kwargs["residual_clamp"] == 8.0 and cpu_lc.stride == 1
+    assert objective_for(CONFIGS["cpu"], "lc_c2", 2400).kwargs == {"use_cov": False, "residual_clamp": 8.0}
     with pytest.raises(ValueError, match="pose_blend_fractions"):
         CONFIGS["cpu"].replace(pose_blend_fractions=(0.8, 0.5))
     with pytest.raises(ValueError, match="pose_points"):

@@ -299,3 +299,26 @@ def test_bad_instances_are_flagged_with_zero_loss_and_gradient_and_spoil_no_othe
     valid = jnp.ones(n, bool).at[3].set(False)
     masked = jax.jit(lambda a: lc_loss(a, x3d[0], w[0], K, R[0], t[0], BBOX, valid))(x2d[0].at[3].set(jnp.nan))
     assert bool(masked.valid) and np.isfinite(float(masked.loss))
+
+
+def test_residual_clamp_sets_the_clamped_length_and_is_checked():
+    """A 10 px residual is clamped to the given length (in value only); the loss changes with
+    the clamp only through the points beyond it; a clamp <= 0 or NaN is an error naming it."""
+    r = jnp.array([[6.0, 8.0], [0.3, -0.4], [1.0, 0.5]])
+    w = jnp.ones((3, 2))
+    r_c32 = robust_weights(r, w, jnp.ones(3))[0]
+    r_c8 = robust_weights(r, w, jnp.ones(3), residual_clamp=8.0)[0]
+    np.testing.assert_allclose(np.asarray(r_c32), np.asarray(r), rtol=1e-6)      # 10 < 32: unchanged
+    np.testing.assert_allclose(np.asarray(r_c8[0]), [4.8, 6.4], rtol=1e-5)        # length 8, same direction
+    np.testing.assert_allclose(np.asarray(r_c8[1:]), np.asarray(r[1:]), rtol=1e-6)
+    g = jax.grad(lambda rr: jnp.sum(robust_weights(rr, w, jnp.ones(3), residual_clamp=8.0)[0]))(r)
+    np.testing.assert_allclose(np.asarray(g), 1.0)                                  # gradient passes unchanged
+    x2d, x3d, w2d, R, t = _instance(seed=3)                                         # point 0 ~49 px off
+    far = lc_loss(x2d, x3d, w2d, K, R, t, BBOX, residual_clamp=64.0).loss
+    assert float(lc_loss(x2d, x3d, w2d, K, R, t, BBOX, residual_clamp=20.0).loss) != float(far)
+    near = _instance(seed=3, outlier=False)
+    a, b = (float(lc_loss(*near[:3], K, *near[3:], BBOX, residual_clamp=c).loss) for c in (16.0, 32.0))
+    assert a == b                                                                   # no residual beyond 16 px
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="residual_clamp"):
+            lc_loss(x2d, x3d, w2d, K, R, t, BBOX, residual_clamp=bad)

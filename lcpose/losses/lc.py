@@ -39,7 +39,9 @@ __all__ = ["LCTerms", "lc_loss", "robust_weights", "representation_fn", "REPRESE
 
 REPRESENTATIONS = ("bbox3d", "bbox2d", "quaternion", "axis_angle", "two_column")
 
-# Residuals longer than this (pixels of the correspondence grid) are clamped (official code).
+# Residuals longer than this (pixels of the correspondence grid) are clamped: the official code's
+# 32 px on its 64x64 grid, i.e. half the map. `lc_loss(residual_clamp=)` sets it for other grids
+# (experiments.config.objective_for passes half the output map's side).
 RESIDUAL_CLAMP_PX = 32.0
 
 
@@ -68,11 +70,12 @@ def _masked_mean(x_t, valid):
     return jnp.sum(x_t * valid, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def robust_weights(r, w2d, valid, robust: bool = True):
+def robust_weights(r, w2d, valid, robust: bool = True, residual_clamp: float = RESIDUAL_CLAMP_PX):
     """Clamped residuals r_c, residual variances M and inverse variances W, each (N, 2).
 
     robust=True (official implementation):
-      - clamp each 2D residual to length <= 32 px: r_c = r - sg(f r), f = max(0, (|r| - 32) / (|r| + 1e-6))
+      - clamp each 2D residual to length <= c = residual_clamp (32 px of a 64x64 grid):
+        r_c = r - sg(f r), f = max(0, (|r| - c) / (|r| + 1e-6))
         (the value is clamped, the gradient passes unchanged);
       - per axis, m = sg(mean_valid |r_c|), M = huber2(|r_c|, 3 m);
       - w_e = sg(w^2 M), m_w = mean_valid w_e per axis, d_w = sg(sqrt(4 m_w / (M + 1e-6))),
@@ -80,27 +83,28 @@ def robust_weights(r, w2d, valid, robust: bool = True):
     robust=False: r_c = r, M = r^2, W = w^2.
     The valid mask enters only the means.
     """
-    out = _robust_weights_points_last(jnp.asarray(r).T, jnp.asarray(w2d).T, jnp.asarray(valid), robust)
+    out = _robust_weights_points_last(jnp.asarray(r).T, jnp.asarray(w2d).T, jnp.asarray(valid), robust,
+                                      residual_clamp)
     return tuple(a.T for a in out)
 
 
-def _robust_weights_points_last(r_t, w_t, valid, robust: bool = True):
+def _robust_weights_points_last(r_t, w_t, valid, robust: bool = True, clamp: float = RESIDUAL_CLAMP_PX):
     """`robust_weights` in the points-last layout: r_t, w_t (2, N) -> r_c, M, W (2, N) each.
 
     The loss works in this layout: the point axis is the contiguous one, which XLA on CPU
     vectorises (an (N, 2) layout makes every element-wise pass strided).
     """
-    return _robust_weights_and_slopes(r_t, w_t, valid, robust)[:3]
+    return _robust_weights_and_slopes(r_t, w_t, valid, robust, clamp)[:3]
 
 
-def _robust_weights_and_slopes(r_t, w_t, valid, robust: bool = True):
+def _robust_weights_and_slopes(r_t, w_t, valid, robust: bool = True, clamp: float = RESIDUAL_CLAMP_PX):
     """r_c, M, W of `_robust_weights_points_last` and the slopes dM/dr, dW/dw (2, N each) that
     its stop-gradients leave, for the loss's hand-written backward."""
     sg = jax.lax.stop_gradient
     if not robust:
         return r_t, r_t * r_t, w_t * w_t, 2.0 * r_t, 2.0 * w_t
     norm = jnp.sqrt(r_t[0] * r_t[0] + r_t[1] * r_t[1])
-    f = jnp.maximum(0.0, (norm - RESIDUAL_CLAMP_PX) / (norm + 1e-6))
+    f = jnp.maximum(0.0, (norm - clamp) / (norm + 1e-6))
     r_c = r_t - sg(f * r_t)
     a = jnp.abs(r_c)
     m = sg(_masked_mean(a, valid))
@@ -199,11 +203,11 @@ def _quad_forms(S, J):
 # ----------------------------------------------------------------------------------------------
 
 
-def _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust):
+def _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust, clamp):
     n = x3d.shape[0]
     # The solver's residuals and Jacobians at the ground truth (lcpose.pnp.cost, as linearize_at).
     r, J = cost.residuals_and_jacobian_t(x3d.T, x2d.T, R, t, K)  # (2, N), (2, 6, N)
-    r_c, M, W, dM, dW = _robust_weights_and_slopes(r, w2d.T, valid, robust)
+    r_c, M, W, dM, dW = _robust_weights_and_slopes(r, w2d.T, valid, robust, clamp)
     # All 2N point-axes side by side (u of every point, then v): every per-point quantity is one
     # contiguous row and the sums are thin (6 x 2N) products.
     J = cost.stack_axes(J)
@@ -214,8 +218,8 @@ def _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust):
     return (H, G, b), (J, r_c, M, W, dM, dW, R)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _point_sums(x2d, x3d, w2d, valid, K, R, t, robust, detach_weights, detach_residuals):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _point_sums(x2d, x3d, w2d, valid, K, R, t, robust, clamp, detach_weights, detach_residuals):
     """H = sum_i J_i^T W_i J_i, G = sum_i J_i^T W_i M_i W_i J_i, b = sum_i J_i^T W_i sg(r_c,i).
 
     Gradients reach x2d and x3d through the residual variances M (r_c's only differentiable
@@ -223,14 +227,14 @@ def _point_sums(x2d, x3d, w2d, valid, K, R, t, robust, detach_weights, detach_re
     valid. G passes none to the weights with `detach_weights`, none to the residuals with
     `detach_residuals` (Table 4, C1 and C0).
     """
-    return _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust)[0]
+    return _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust, clamp)[0]
 
 
-def _point_sums_vjp_fwd(x2d, x3d, w2d, valid, K, R, t, robust, detach_weights, detach_residuals):
-    return _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust)
+def _point_sums_vjp_fwd(x2d, x3d, w2d, valid, K, R, t, robust, clamp, detach_weights, detach_residuals):
+    return _point_sums_fwd(x2d, x3d, w2d, valid, K, R, t, robust, clamp)
 
 
-def _point_sums_vjp_bwd(robust, detach_weights, detach_residuals, res, cts):
+def _point_sums_vjp_bwd(robust, clamp, detach_weights, detach_residuals, res, cts):
     J, r_c, M, W, dM, dW, R = res
     H_bar, G_bar, b_bar = cts
     n = J.shape[1] // 2
@@ -339,6 +343,7 @@ def lc_loss(
     use_cov: bool = True,
     use_linear: bool = True,
     use_prior: bool = True,
+    residual_clamp: float = RESIDUAL_CLAMP_PX,
 ) -> LCTerms:
     """The LC loss of one instance (vmap for batches).
 
@@ -358,6 +363,8 @@ def lc_loss(
       use_cov / use_linear / use_prior: Table 4 C2 / C3 / C4 (drop E_cov / E_linear / E_prior;
         without E_prior the loss is 0.5 (E_cov + E_linear), and the weights' global scale is no
         longer constrained: train without the scale branch).
+      residual_clamp: residuals longer than this (px of x2d's grid) are clamped in value
+        (`robust_weights`); the official 32 px is half its 64x64 grid.
 
     Returns:
       LCTerms(loss, e_cov, e_prior, e_linear, valid). An instance with a non-finite valid point
@@ -375,6 +382,9 @@ def lc_loss(
         raise ValueError(f"bbox3d must have shape (8, 3), got {tuple(jnp.shape(bbox3d))}")
     if not (use_cov or use_linear):
         raise ValueError("at least one of use_cov and use_linear must be True")
+    residual_clamp = float(residual_clamp)
+    if not residual_clamp > 0:   # also rejects NaN
+        raise ValueError(f"residual_clamp must be > 0 (px), got {residual_clamp}")
     sg = jax.lax.stop_gradient
     dtype = jnp.result_type(x2d, x3d, w2d)
     x2d, x3d = jnp.asarray(x2d, dtype), jnp.asarray(x3d, dtype)
@@ -405,7 +415,8 @@ def lc_loss(
     # C = A diag(M) A^T = H^-1 G H^-1 with G = sum_i J_i^T W_i M_i W_i J_i, and e = A r = H^-1 b
     # with b = sum_i J_i^T W_i r_i: O(36 N). The 6 x 6 algebra after them is unrolled
     # (lcpose.smallmat; under vmap a LAPACK call per op is slower, and can hang).
-    H, G, b = _point_sums(x2d, x3d, w2d, valid_f, K, R_gt, t_gt, robust, detach_weights_cov, detach_residual_cov)
+    H, G, b = _point_sums(x2d, x3d, w2d, valid_f, K, R_gt, t_gt, robust, residual_clamp, detach_weights_cov,
+                          detach_residual_cov)
 
     # 5. covariances (Eqs. 12, 14) mapped to the representation: only the diagonal of
     # J_f C J_f^T is needed.

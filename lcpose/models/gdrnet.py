@@ -390,14 +390,17 @@ def train_correspondences(key, xyz, weight_logits, log_scale, bbox3d, stride: in
     the train step's clipper on the ``weight_logits`` gradient sees the whole pose-loss
     gradient; every ``stride``-th pixel from a random offset
     (:func:`lcpose.correspondences.sample_grid`). With ``mask`` (h, w), pixels outside it get
-    weight 0 (``ObjectiveConfig.pose_points="mask"``).
+    weight 0 and are not valid (``ObjectiveConfig.pose_points="mask"``): the residuals of
+    unsupervised background points must not enter the robust statistics (the LC loss's mean
+    |r| per axis) of the points on the object.
     """
     extent, center = box_extent_center(bbox3d)
     xyz_mm = xyz_to_mm(xyz, extent, center)
     w2d = spatial_softmax_weights(weight_logits, log_scale)
     if mask is not None:
-        w2d = w2d * (jnp.asarray(mask) > 0).astype(w2d.dtype)[..., None]
-    return sample_grid(key, xyz_mm, w2d, stride=stride)
+        mask = jnp.asarray(mask) > 0.5
+        w2d = w2d * mask.astype(w2d.dtype)[..., None]
+    return sample_grid(key, xyz_mm, w2d, stride=stride, mask=mask)
 
 
 def decode_train(key, outputs, example, cfg):
@@ -437,8 +440,11 @@ def surrogate_loss(outputs, example, cfg):
     """GDR-Net's own loss of one example: xyz_weight L_xyz + mask_weight L_mask (see
     lcpose.train.objective); ``cfg``: an ObjectiveConfig (xyz_weight, mask_weight, xyz_norm).
 
-    L_xyz = mean over (h, w, 3) of |m xyz* - m mm_to_xyz(xyz_gt)| (xyz_norm="mask": the sum
+    L_xyz = mean over (h, w, 3) of 2 |m xyz* - m mm_to_xyz(xyz_gt)| (xyz_norm="mask": the sum
     over the example divided by 3 x its visible pixels), L_mask = mean BCE(mask_logits, m).
+    The factor 2 measures the error in half extents: the reference normalises coordinates to
+    [-1, 1] by the model's half extents (ours span [-0.5, 0.5]), and its loss weights (xyz 1,
+    mask 0.25, pose 0.02) are balanced for that unit.
     """
     xyz = outputs["xyz"]
     dtype = xyz.dtype
@@ -446,7 +452,7 @@ def surrogate_loss(outputs, example, cfg):
     extent, center = box_extent_center(jnp.asarray(example["bbox3d"], dtype))
     m = mask[..., None]
     target = mm_to_xyz(jnp.asarray(example["xyz"], dtype), extent, center)
-    diff = jnp.abs(xyz * m - target * m)
+    diff = 2.0 * jnp.abs(xyz * m - target * m)
     if cfg.xyz_norm == "mask":
         l_xyz = jnp.sum(diff) / jnp.maximum(3.0 * jnp.sum(mask), 1.0)
     else:
