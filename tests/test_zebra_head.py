@@ -112,15 +112,19 @@ def test_in_mask_quantile_selection_matches_its_definition():
     s = np.asarray(w).reshape(-1, 2).mean(-1)
     inside = np.asarray(mask).reshape(-1) > 0.5
     thr = np.sort(s[inside])[int(np.floor(0.2 * inside.sum()))]
-    want = inside & (s >= thr)
-    np.testing.assert_array_equal(c.valid, want)
-    assert want.sum() == inside.sum() - int(np.floor(0.2 * inside.sum()))
-    np.testing.assert_allclose(np.asarray(c.x3d)[want], np.asarray(xyz).reshape(-1, 3)[want])
-    assert np.all(np.asarray(c.w2d)[~want] == 0)
+    want = inside & (s >= thr)           # at or above the 0.2 quantile of the in-mask weights
+    valid = np.asarray(c.valid)
+    assert c.x3d.shape == (int(np.ceil(0.8 * h * h)), 3) and valid.sum() == want.sum()
+    # the valid points are exactly those pixels (x2d gives the pixel), with their xyz and weights
+    u, v = (np.asarray(c.x2d)[valid].round().astype(int).T)
+    np.testing.assert_array_equal(np.sort(v * h + u), np.flatnonzero(want))
+    np.testing.assert_allclose(np.asarray(c.x3d)[valid], np.asarray(xyz)[v, u])
+    np.testing.assert_allclose(np.asarray(c.w2d)[valid], np.asarray(w)[v, u])
+    assert np.all(np.asarray(c.w2d)[~valid] == 0)
     # decode_test uses it with use_mask (test decoding, mm by the box)
     ex, out = _example(h), _outputs(h)
     ct = zebra.decode_test(out, ex, PnPConfig(fraction=0.8, use_mask=True))
-    assert ct.x3d.shape == (h * h, 3)
+    assert ct.x3d.shape == (int(np.ceil(0.8 * h * h)), 3)
     ca = zebra.decode_test(out, ex, PnPConfig(fraction=0.5))
     assert ca.x3d.shape == (18, 3)
 

@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from lcpose import binary_codes as bc
-from lcpose.correspondences import Correspondences, pixel_grid, select_top_weights
+from lcpose.correspondences import Correspondences, select_top_weights
 from lcpose.geometry import box_extent_center, mm_to_xyz, xyz_to_mm
 from lcpose.models.gdrnet import (
     GDRNet,
@@ -242,30 +242,19 @@ def decode_test(outputs, example, cfg):
     the predicted-mask pixels (0.8 = the official quantile 0.2), else the top ``cfg.fraction``
     of all pixels by weight."""
     xyz_mm = predicted_xyz_mm(outputs, example)
-    if cfg.use_mask:
-        mask = jax.nn.sigmoid(outputs["mask_logits"][..., 0])
-        return select_in_mask_quantile(xyz_mm, outputs["w2d"], mask, cfg.fraction)
-    return select_top_weights(xyz_mm, outputs["w2d"], None, cfg.fraction)
+    mask = jax.nn.sigmoid(outputs["mask_logits"][..., 0]) if cfg.use_mask else None
+    return select_top_weights(xyz_mm, outputs["w2d"], mask, cfg.fraction)
 
 
 def select_in_mask_quantile(xyz_map, w2d_map, mask, keep: float = 0.8) -> Correspondences:
-    """Every pixel of the map as a point, valid where it lies in ``mask`` (probability > 0.5)
-    and its weight (mean of the two channels) is at least the (1 - keep) quantile of the
-    weights inside the mask (the lower empirical quantile). Static N = H W; invalid points
-    carry zero weights. An empty mask gives no valid point (the solver flags it)."""
+    """ZebraPose's test selection: the top ``keep`` share by weight of the pixels in ``mask``
+    (probability > 0.5), i.e. those at or above its (1 - keep) quantile -- the one selection of
+    :func:`lcpose.correspondences.select_top_weights` with a mask (N = ceil(keep H W) static,
+    sorted by weight; invalid points carry zeros; an empty mask gives no valid point, and the
+    solver flags it)."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     xyz_map = jnp.asarray(xyz_map)
-    h, w = xyz_map.shape[:2]
-    if mask.shape != (h, w):
-        raise ValueError(f"mask must have shape {(h, w)}, got {mask.shape}")
-    wf = w2d_map.reshape(-1, 2)
-    score = wf.mean(axis=-1)
-    inside = (mask.reshape(-1) > 0.5) & jnp.all(jnp.isfinite(wf) & (wf > 0), axis=-1)
-    n_in = jnp.sum(inside)
-    ranked = jnp.sort(jnp.where(inside, score, jnp.inf))
-    k = jnp.clip(jnp.floor((1.0 - keep) * n_in).astype(jnp.int32), 0, jnp.maximum(n_in - 1, 0))
-    valid = inside & (score >= ranked[k])
-    uv = pixel_grid(h, w, xyz_map.dtype).reshape(-1, 2)
-    return Correspondences(x2d=uv, x3d=jnp.where(valid[:, None], xyz_map.reshape(-1, 3), 0),
-                           w2d=jnp.where(valid[:, None], wf, 0), valid=valid)
+    if mask.shape != xyz_map.shape[:2]:
+        raise ValueError(f"mask must have shape {xyz_map.shape[:2]}, got {mask.shape}")
+    return select_top_weights(xyz_map, w2d_map, mask, keep)
