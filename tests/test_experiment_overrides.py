@@ -34,6 +34,17 @@ def test_override_errors_name_the_field():
         apply_overrides(CONFIGS["cpu"], ["train.total_steps"])
     with pytest.raises(ValueError, match="solver"):
         apply_overrides(CONFIGS["cpu"], ["pnp.solver=magic"])
+    with pytest.raises(ValueError, match="loss_weights: unknown weight 'pose_weight'.*mask_weight"):
+        apply_overrides(CONFIGS["cpu"], ["loss_weights=(('pose_weight', 1.0),)"])
+
+
+def test_loss_weights_replace_the_variants_weights():
+    from experiments.config import objective_for
+
+    cfg = apply_overrides(CONFIGS["cpu"], ["loss_weights=(('mask_weight', 0.5),)"])
+    base, lc = (objective_for(cfg, v, 100) for v in ("baseline", "lc"))
+    assert base.mask_weight == lc.mask_weight == 0.5
+    assert base.xyz_weight == objective_for(CONFIGS["cpu"], "baseline", 100).xyz_weight
 
 
 def test_flags_then_set_and_objects_in_one_place():
