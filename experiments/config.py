@@ -102,12 +102,20 @@ class ExperimentConfig:
     loss_weights: Tuple[Tuple[str, float], ...] = ()
 
     def __post_init__(self):
-        for key, value in self.loss_weights:
+        weights = []
+        for entry in self.loss_weights:
+            try:
+                key, value = entry
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"loss_weights: entries are (name, weight) pairs, got {entry!r}") from None
             if key not in LOSS_WEIGHT_KEYS:
                 raise ValueError(f"loss_weights: unknown weight {key!r}; choose from "
                                  f"{', '.join(LOSS_WEIGHT_KEYS)}")
-            if not float(value) >= 0.0:
+            if not value >= 0.0:
                 raise ValueError(f"loss_weights: {key} must be >= 0, got {value}")
+            weights.append((key, value))
+        object.__setattr__(self, "loss_weights", tuple(weights))
         check_pose_points(self.pose_points)
         if self.objects is not None:
             object.__setattr__(self, "objects", tuple(int(o) for o in self.objects))
@@ -343,7 +351,7 @@ def objective_for(cfg: ExperimentConfig, variant: str, total_steps: int,
     if variant not in variants:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(variants)}")
     spec = dict(variants[variant])
-    spec.update({k: float(v) for k, v in cfg.loss_weights})
+    spec.update(cfg.loss_weights)
     if spec.get("pose_loss") == "lc":
         # the official residual clamp is 32 px on its 64x64 grid: half the output map
         kw = dict(spec.get("loss_kwargs", {}))

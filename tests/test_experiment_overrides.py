@@ -36,6 +36,8 @@ def test_override_errors_name_the_field():
         apply_overrides(CONFIGS["cpu"], ["pnp.solver=magic"])
     with pytest.raises(ValueError, match="loss_weights: unknown weight 'pose_weight'.*mask_weight"):
         apply_overrides(CONFIGS["cpu"], ["loss_weights=(('pose_weight', 1.0),)"])
+    with pytest.raises(ValueError, match="loss_weights: entries are \\(name, weight\\) pairs"):
+        apply_overrides(CONFIGS["cpu"], ["loss_weights=(('mask_weight', 'heavy'),)"])
 
 
 def test_loss_weights_replace_the_variants_weights():
