@@ -4,7 +4,7 @@
 
 Restores the newest checkpoint of ``<workdir>/<variant>`` (``<workdir>/<variant>/obj_XXXXXX``
 with ``--obj`` for runs with one network per object; or ``--step``), and writes the
-serialised test pipeline (network -> top 30 % weights -> RANSAC -> weighted PnP, ``jax.export``)
+serialised test pipeline (network -> top weights -> RANSAC -> weighted PnP, ``jax.export``)
 with its weights and the objects' boxes into ``--out``; load it in any process with
 ``lcpose.export.load_exported(out)``.
 """

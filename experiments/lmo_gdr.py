@@ -5,8 +5,8 @@
         --detections /data/dets/lmo_test_bboxes.json    # the paper's LM-O recipe (GPUs)
 
 Trains each variant (``--variants``, default ``baseline,lc``), evaluates it on the test split
-(detections, top 30 % weights, RANSAC + weighted PnP), prints the per-object ADD(-S) table and
-writes into ``--workdir`` (default ``runs/lmo_gdr``)::
+(detections, the top 70 % weights of the predicted mask, RANSAC + weighted PnP), prints the
+per-object ADD(-S) table and writes into ``--workdir`` (default ``runs/lmo_gdr``)::
 
     results.json                      {"dataset", "config", "variants": {name: {"add_s_0.1d":
                                        {obj_id: %, ..., "mean": %}, "ar_mspd", "steps",

@@ -26,9 +26,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     defaults = []
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         defaults += ["--config", "ycbv"]
-    if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
-        defaults += ["--workdir", "runs/ycbv_gdr"]
-    return lmo_gdr.run(defaults + argv)
+    # prog names the experiment in experiment.json (a YCB-V workdir is not an lmo_gdr one)
+    return lmo_gdr.run(defaults + argv, prog="python -m experiments.ycbv_gdr",
+                       description=__doc__.split("\n")[0], workdir="runs/ycbv_gdr")
 
 
 def main(argv: Optional[Sequence[str]] = None):

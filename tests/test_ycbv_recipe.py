@@ -70,6 +70,8 @@ def test_ycbv_recipe_runs_end_to_end(ycbv_folder, tmp_path, monkeypatch):
     assert 1 <= v["count"]["2"] <= len(images)
     with open(tmp_path / "run" / "results.json") as f:
         assert "auc_add_or_add_s_p11" in json.load(f)["variants"]["baseline"]
+    with open(tmp_path / "run" / "experiment.json") as f:
+        assert json.load(f)["experiment"] == "ycbv_gdr"   # not lmo_gdr's identity
     meta = json.load(open(tmp_path / "tfds" / "bop_ycbv" / "1.0.0" / "lcpose_meta.json"))
     assert meta["splits"]["test"]["num_images"] <= len(images)
     assert set(meta["splits"]) == {"train_pbr", "train_real", "test"}

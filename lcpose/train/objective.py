@@ -33,7 +33,7 @@ which (through the spatial softmax) first pulls the weights onto the visible obj
 reaches 1 at step ``pose_loss_start_step - 1`` (``pose_loss_nonzero_step``, the reference's
 ``loss_pose_nz_step``, delays its start: before it only the weight BCE acts). ``pose_loss="none"`` (the "baseline"
 variant) keeps ``f = 0`` for the whole run: the weights are only trained to cover the visible
-mask, so the same test-time pipeline (top 30 % weights, weighted PnP) applies to both variants
+mask, so the same test-time pipeline (top weights, weighted PnP) applies to both variants
 and the only difference between them is the PnP loss.
 
 Dense correspondences (training): :func:`lcpose.correspondences.dense_grid_correspondences`
