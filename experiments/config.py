@@ -146,7 +146,7 @@ CPU = ExperimentConfig(
     name="cpu",
     train=TrainConfig(
         # 3600 steps: ~4.5 min of training per variant, 13 min for the whole job with a fresh
-        # cache (the 2000 training images below cost 70 s more than 400 to generate; BUILD.md)
+        # cache (the 2000 training images below cost 75 s more than 400 to generate; BUILD.md)
         preset="cpu", model_overrides=(("head_channels", 32),), input_size=64, output_size=16,
         batch_size=16, total_steps=3600, learning_rate=2e-3, weight_decay=1e-4,
         warmup_steps=50, warmup_factor=0.001, anneal_start=0.72, seed=0,
@@ -229,7 +229,8 @@ PAPER = ExperimentConfig(
 
 # The same comparison, twice as long, with 3 seeds: mean and spread of LC's gain over the
 # baseline. 3 seeds x 2 variants x 7200 steps took 54 minutes on the 2-core CPU (a step
-# costs ~75 ms; 3 x the default's steps would pass the 2-hour budget with evaluation).
+# costs ~70 ms). With the default's 3600 steps, 3 x would also fit the 2 hours (~80 minutes at
+# that rate; not measured): 2 x was chosen when the default had 4000 steps at ~85 ms a step.
 CPU_LONG = CPU.replace(name="cpu-long", seeds=(0, 1, 2)).with_train(total_steps=2 * CPU.train.total_steps)
 
 # ZebraPose + coordinate-wise codes (python -m experiments.lmo_zebra, Table 7): the model "zebra"
@@ -249,7 +250,8 @@ ZEBRA_CPU = CPU.replace(
     train=dataclasses.replace(CPU.train, model="zebra", preset="cpu", pretrained=None, input_size=64,
                               output_size=32, total_steps=1500, clip_points_grad=False),
     variants=("zebra_base", "zebra_lc"),
-    # the synthetic set Table 7 was measured on (400 training images; the main job's has 2000)
+    # the synthetic set Table 7 was measured on (400 training images; the main job's has 2000,
+    # which did not help the codes: AR_MSPD 14.8 / 20.7 % against 14.3 / 22.4 %, BUILD.md)
     synthetic=(("test_images", 200),),
     pose_weight=0.03,
     pose_stride=2,

@@ -4,7 +4,8 @@ An export folder holds
 
 * ``predict.jaxexport`` -- the serialised StableHLO of the whole test pipeline
   (:func:`lcpose.evaluate.make_predict_fn`: network -> top weights (``PnPConfig.fraction``) ->
-  RANSAC -> weighted LM), a function of ``(variables, images, K_out, bbox3d, key)`` with a symbolic batch size;
+  RANSAC -> weighted LM), a function of ``(variables, images, K_out, bbox3d, key)`` with a
+  symbolic batch size;
 * ``variables.npz``     -- its parameters and BatchNorm statistics (Lookahead slow weights),
   one array per leaf, keyed by the '/'-joined path;
 * ``meta.json``         -- input/output sizes, the PnP settings, the objects' boxes
