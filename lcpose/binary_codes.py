@@ -13,6 +13,16 @@ so every bit has about the same length in millimetres on every axis (100, 50, 12
 models_info size_x/y/z, the box the rest of lcpose uses), which is the simplest choice and
 matches the models of LM-O, whose axes already follow the objects' shapes closely.
 
+Gray code (``gray=True``, the default): the bits are those of the reflected Gray code of
+round(c_n), g = c_n XOR (c_n >> 1), as in the LC paper's official implementation (the paper's
+text says "the bits of round(c_n)"; ``gray=False`` gives that plain binary code). Both codes
+have the same MSB, but Gray bit k changes half as often along a coordinate as binary bit k
+(every 2^(M-k) levels, not every 2^(M-1-k)), and neighbouring levels differ in exactly one bit,
+so each bit is a coarser, easier map for a network and a pixel on a level boundary is one bit
+off, not several. Decoding converts the Gray logits to binary ones (:func:`decode_with_gt`) and
+then follows the paper's rule unchanged. On the synthetic set this is what lets a CPU run learn
+the codes at all (BUILD.md, "ZebraPose with coordinate-wise codes").
+
 Layout and static shapes: codes are arrays (..., 3, max_bits) (axis -2: x, y, z; axis -1:
 bit k, MSB first). Coordinate c uses bits 0 .. M_c - 1; the others are padding, zero in
 codes and excluded by :func:`bit_mask`. ``max_bits`` is static (default ``N_BITS``), the
@@ -53,6 +63,7 @@ __all__ = [
     "code_value_to_xyz",
     "decode_with_gt",
     "decode_without_gt",
+    "gray_to_binary",
     "bit_error_histogram",
     "hierarchical_bit_weights",
     "hierarchical_bit_loss",
@@ -124,14 +135,16 @@ def _check_bits_layout(bits, max_bits):
     return bits
 
 
-def encode_xyz(xyz, bits, *, extent=None, center=None, max_bits: int = N_BITS):
-    """Binary codes (..., 3, max_bits) (0/1, dtype of xyz) of object coordinates (..., 3).
+def encode_xyz(xyz, bits, *, extent=None, center=None, max_bits: int = N_BITS, gray: bool = True):
+    """Codes (..., 3, max_bits) (0/1, dtype of xyz) of object coordinates (..., 3).
 
     ``xyz``: normalised coordinates (in [-0.5, 0.5] on the model), or millimetres when
     ``extent`` (and ``center``, default 0) of the model box are given. ``bits`` (3,): the bit
     counts M_c (:func:`bit_counts`), broadcast against the leading axes of xyz. Coordinates
     outside the box are clipped onto it. Per axis: c_n = round(u (2^M - 1)), u = xyz + 0.5 in
-    [0, 1]; bit k (k < M, MSB first) of c_n; padding bits are 0.
+    [0, 1]; bit k (k < M, MSB first) of c_n -- of its reflected Gray code
+    c_n XOR (c_n >> 1) with ``gray`` (the default, module docstring), else of c_n itself;
+    padding bits are 0.
     """
     xyz = jnp.asarray(xyz)
     if xyz.shape[-1:] != (3,):
@@ -152,6 +165,8 @@ def encode_xyz(xyz, bits, *, extent=None, center=None, max_bits: int = N_BITS):
     u = jnp.clip(xyz + 0.5, 0.0, 1.0)
     levels = _levels(bits, dtype)
     q = jnp.round(u * levels).astype(jnp.int32)                       # (..., 3)
+    if gray:
+        q = q ^ jnp.right_shift(q, 1)
     shift = jnp.asarray(bits, jnp.int32)[..., None] - 1 - jnp.arange(max_bits)
     code = jnp.right_shift(q[..., None], jnp.maximum(shift, 0)) & 1
     return jnp.where(shift >= 0, code, 0).astype(dtype)
@@ -172,19 +187,21 @@ def _check_logits(logits):
     return logits
 
 
-def decode_without_gt(logits, bits):
+def decode_without_gt(logits, bits, *, gray: bool = True):
     """Test-time decoding: (..., 3) normalised coordinates from bit logits (..., 3, max_bits).
 
     Every bit rounded (logit > 0) except the least significant one (bit M_c - 1), which keeps
-    its probability sigmoid(logit).
+    its probability: sigmoid(logit) for a plain binary code; for a Gray code (``gray``, the
+    default) the rounded Gray bits give the binary ones by prefix XOR and the binary LSB keeps
+    sigmoid(+-logit), the sign flipped where the binary bit above it is 1.
     """
     logits = _check_logits(logits)
     max_bits = logits.shape[-1]
     bits = _check_bits_layout(bits, max_bits)
-    return _decode(logits, None, bits, None)[0]
+    return _decode(logits, None, bits, None, gray)[0]
 
 
-def decode_with_gt(logits, gt_code, bits, has_gt=None):
+def decode_with_gt(logits, gt_code, bits, has_gt=None, *, gray: bool = True):
     """Training decoding with ground truth: (xyz (..., 3), chosen (..., 3, max_bits) bool).
 
     logits (..., 3, max_bits); gt_code (..., 3, max_bits) 0/1 (:func:`encode_xyz`); bits (3,);
@@ -192,6 +209,13 @@ def decode_with_gt(logits, gt_code, bits, has_gt=None):
     :func:`decode_without_gt`. Per coordinate the chosen bit is the most significant
     mispredicted one (rounded prediction != ground truth), else the LSB; it keeps its
     probability, all other bits take the ground truth. ``chosen`` marks it (one per coordinate).
+
+    With ``gray`` (the default) logits and gt_code are Gray bits (:func:`encode_xyz`). Binary
+    bit k is Gray bit k XOR binary bit k - 1, so with the ground truth's binary bits above it
+    the logit of binary bit k is the Gray logit, negated where the ground truth's bit k - 1 is
+    1; the rule above then runs on those binary logits. The first wrong binary bit is the first
+    wrong Gray bit, and the gradient reaches that Gray bit's logit (with the sign of the flip).
+    Pixels without ground truth flip by their own rounded prefix, as at test time.
     """
     logits = _check_logits(logits)
     max_bits = logits.shape[-1]
@@ -206,13 +230,37 @@ def decode_with_gt(logits, gt_code, bits, has_gt=None):
         if has_gt.shape != logits.shape[:-2]:
             raise ValueError(f"has_gt must have shape {logits.shape[:-2]}, got {has_gt.shape}")
         has_gt = has_gt > 0 if has_gt.dtype != jnp.bool_ else has_gt
-    return _decode(logits, gt_code, bits, has_gt)
+    return _decode(logits, gt_code, bits, has_gt, gray)
 
 
-def _decode(logits, gt_code, bits, has_gt):
+def gray_to_binary(code, bits):
+    """Binary bits (..., 3, max_bits) of Gray codes (..., 3, max_bits) (0/1, MSB first): the
+    prefix XOR b_k = g_0 ^ ... ^ g_k; padding bits stay 0."""
+    code = jnp.asarray(code)
+    dtype = code.dtype if jnp.issubdtype(code.dtype, jnp.floating) else jnp.float32
+    parity = jnp.cumsum(jnp.asarray(code > 0.5, jnp.int32), axis=-1) & 1
+    return jnp.where(bit_mask(bits, code.shape[-1]), parity, 0).astype(dtype)
+
+
+def _binary_logits(logits, prefix_bits):
+    """Logits of binary bits from Gray-bit logits, given the binary bits (..., K) the flips
+    follow (b_k = g_k XOR b_(k-1)): the Gray logit of bit k, negated where bit k - 1 is 1."""
+    above = jnp.concatenate([jnp.zeros_like(prefix_bits[..., :1]), prefix_bits[..., :-1]], axis=-1)
+    return logits * jax.lax.stop_gradient(1.0 - 2.0 * above)
+
+
+def _decode(logits, gt_code, bits, has_gt, gray):
     dtype = logits.dtype
     max_bits = logits.shape[-1]
     used = bit_mask(bits, max_bits)                                   # (..., 3, K)
+    if gray:
+        # to binary logits: flip by the ground truth's binary prefix where there is one, else
+        # by the rounded prediction's (the test-time decoding)
+        prefix = gray_to_binary((logits > 0).astype(dtype), bits)
+        if gt_code is not None:
+            gt_code = gray_to_binary(gt_code, bits)
+            prefix = jnp.where(has_gt[..., None, None], gt_code, prefix)
+        logits = _binary_logits(logits, prefix)
     hard = (logits > 0).astype(dtype)
     lsb = jnp.arange(max_bits) == (jnp.asarray(bits, jnp.int32)[..., None] - 1)
     lsb = jnp.broadcast_to(lsb, logits.shape)

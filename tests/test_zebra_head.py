@@ -133,7 +133,7 @@ def test_experiment_configs_and_optimizer_choice():
     from experiments.config import get_config, objective_for
     from lcpose.train.loop import TrainConfig, _make_tx, _step_key, build_model
 
-    for name, size, maps in (("zebra_paper", 256, 128), ("zebra_cpu", 64, 32)):
+    for name, size, maps in (("zebra_paper", 256, 128), ("zebra_cpu", 64, 16)):
         cfg = get_config(name)
         assert cfg.variants == ("zebra_base", "zebra_lc") and cfg.pose_weight == 0.03
         assert cfg.pnp.use_mask and cfg.pnp.fraction == 0.8          # quantile 0.2 in the mask

@@ -9,7 +9,7 @@ pixel the head predicts
     mask_logits   (1)             visible-mask logit (L1 mask loss on its sigmoid, as ZebraPose)
     weight_logits (2)             -> w2d: one spatial softmax taken jointly over both channels
                                   x exp(log_scale) (the scale branch), exactly as GDRNet
-    code_logits   (sum_c M_c)     the bits of x, y, z (lcpose.binary_codes), MSB first
+    code_logits   (sum_c M_c)     the Gray-coded bits of x, y, z (lcpose.binary_codes), MSB first
 
 Outputs of ``ZebraNet(images, train)`` (B = batch, h = w = map side):
 
@@ -141,6 +141,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     # the official setting: ResNet-34, 256x256 crops -> 128x128 maps
     "paper": dict(depth=34, head_stages=4),
     # CPU-sized: ResNet-18 at a quarter of the channels (GDRNet's "cpu" preset), maps at 1/2
+    # (experiments.config's zebra_cpu overrides it to GDR-Net's 32-channel, 1/4 decoder)
     "cpu": dict(depth=18, encoder_widths=(16, 32, 64, 128), head_channels=64, head_stages=4),
 }
 
