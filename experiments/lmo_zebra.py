@@ -5,10 +5,11 @@
         --detections /data/dets/lmo_test_bboxes.json    # the official setting (GPUs)
 
 The network is lcpose.models.zebra (mask + Gray-coded coordinate-wise bit logits + weights; maps
-at 1/2 of the crop in the paper config, 1/4 in the CPU one), the variants ``zebra_base`` (L1 mask + 3 L_hier) and ``zebra_lc`` (+ 0.03 LC); the
-configurations are ``zebra_cpu`` / ``zebra_paper`` of experiments.config (``--config cpu`` /
-``paper``). Everything else -- flags, training, evaluation, the files in ``--workdir``
-(default ``runs/lmo_zebra``) -- is experiments.lmo_gdr's.
+at 1/2 of the crop in the paper config, 1/4 in the CPU one), the variants ``zebra_base`` (L1
+mask + 3 L_hier) and ``zebra_lc`` (+ 0.03 LC); the configurations are ``zebra_cpu`` /
+``zebra_paper`` of experiments.config (``--config cpu`` / ``paper``). Everything else -- flags,
+training, evaluation, the files in ``--workdir`` (default ``runs/lmo_zebra``) -- is
+experiments.lmo_gdr's.
 """
 from __future__ import annotations
 

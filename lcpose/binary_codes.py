@@ -237,6 +237,9 @@ def gray_to_binary(code, bits):
     """Binary bits (..., 3, max_bits) of Gray codes (..., 3, max_bits) (0/1, MSB first): the
     prefix XOR b_k = g_0 ^ ... ^ g_k; padding bits stay 0."""
     code = jnp.asarray(code)
+    if code.ndim < 2 or code.shape[-2] != 3:
+        raise ValueError(f"code must have shape (..., 3, max_bits), got {code.shape}")
+    bits = _check_bits_layout(bits, code.shape[-1])
     dtype = code.dtype if jnp.issubdtype(code.dtype, jnp.floating) else jnp.float32
     parity = jnp.cumsum(jnp.asarray(code > 0.5, jnp.int32), axis=-1) & 1
     return jnp.where(bit_mask(bits, code.shape[-1]), parity, 0).astype(dtype)

@@ -39,6 +39,10 @@ def test_bad_arguments_are_named():
         bc.decode_without_gt(np.zeros((4, 7)), np.array([7, 7, 7]))
     with pytest.raises(ValueError, match="gt_code"):
         bc.decode_with_gt(np.zeros((4, 3, 7)), np.zeros((4, 3, 6)), np.array([7, 7, 7]))
+    with pytest.raises(ValueError, match="code"):
+        bc.gray_to_binary(np.zeros((4, 7)), np.array([7, 7, 7]))
+    with pytest.raises(ValueError, match="bits"):
+        bc.gray_to_binary(np.zeros((4, 3, 7)), np.array([8, 7, 7]))
 
 
 def _logits_of(code, bits, mag=30.0):
